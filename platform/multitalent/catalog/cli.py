@@ -1,0 +1,38 @@
+"""``multitalent catalog``: print label spaces."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from multitalent.catalog.presets import available_presets, load_catalog
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.catalog_command == "list":
+        for name in available_presets():
+            cat = load_catalog(name)
+            print(f"{name:20s} {len(cat.datasets):3d} datasets {cat.num_classes:4d} classes  {cat.hash}")
+        return 0
+    cat = load_catalog(args.preset)
+    if args.json:
+        print(json.dumps(cat.to_dict(), indent=1))
+        return 0
+    print(f"catalog {cat.name}  hash {cat.hash}")
+    if cat.description:
+        print(cat.description)
+    print()
+    print(f"{'id':>8s}  {'dataset':32s} {'layout':17s} {'cases':>5s} {'classes':>7s}")
+    for d in cat.datasets:
+        print(f"{d.id:>8s}  {d.name[:32]:32s} {d.layout:17s} {d.num_cases:5d} {len(d.classes):7d}")
+    print()
+    print(f"{'#':>4s}  {'dataset':>8s}  {'class':34s} {'raw values':14s} groups")
+    for c in cat.classes:
+        raw = "{" + ",".join(map(str, c.raw_values)) + "}"
+        kind = "region " if len(c.raw_values) > 1 else ""
+        print(f"{c.index:4d}  {c.dataset_id:>8s}  {c.name[:34]:34s} {kind + raw:14s} {','.join(c.groups)}")
+    print()
+    print(f"{len(cat.datasets)} datasets, {cat.num_classes} classes, "
+          f"{sum(len(c.raw_values) > 1 for c in cat.classes)} regions, "
+          + ", ".join(f"{len(cat.group_members(g))} {g}" for g in ("difficult", "cancer")))
+    return 0
