@@ -1,0 +1,1 @@
+"""The offline converter: raw NIfTI datasets -> preprocessed Zarr stores + WebDataset shards."""

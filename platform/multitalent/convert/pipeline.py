@@ -1,0 +1,186 @@
+"""The conversion job: raw datasets -> plan, per-case Zarr stores, WebDataset shards, manifest.
+
+Passes, each resumable:
+
+1. discover the raw cases of every dataset of the catalog;
+2. scan (only for collection-wide normalisation): validate each case and draw a foreground
+   intensity sample, cached per case, then compute the statistics and write ``plan.json``;
+3. convert each case in a Ray task into its Zarr store, skipping stores whose checksum verifies
+   and whose inputs and plan are unchanged;
+4. pack the WebDataset shards and write ``manifest.json``; failures go to ``report.json``.
+
+No pass leaves a partial file visible: every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multitalent.catalog import Catalog, load_catalog
+from multitalent.convert.job import ConvertJob
+
+
+@dataclass
+class ConvertSummary:
+    converted: int = 0
+    skipped: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    shards: int = 0
+    out: Path = Path()
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _selected_catalog(job: ConvertJob) -> Catalog:
+    catalog = load_catalog(job.catalog)
+    return catalog.subset(job.datasets) if job.datasets else catalog
+
+
+def _discover(catalog: Catalog, raw_root: Path) -> tuple[list[Any], list[dict[str, Any]]]:
+    from multitalent.rawio import discover_cases
+
+    cases: list[Any] = []
+    failures: list[dict[str, Any]] = []
+    for dataset in catalog.datasets:
+        root = raw_root / dataset.location
+        if not root.is_dir():
+            failures.append(
+                {"dataset_id": dataset.id, "case_id": "*", "file": str(root), "reason": "dataset folder missing"}
+            )
+            continue
+        cases.extend(discover_cases(dataset, root))
+    return cases, failures
+
+
+def _run_tasks(
+    ray: Any, fn: Callable[..., dict[str, Any]], calls: Iterable[tuple[Any, ...]], *, cpus: float, desc: str,
+    kwargs: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Run ``fn(*call, **kwargs)`` as Ray tasks with a progress bar; results in completion order."""
+    from tqdm import tqdm
+
+    remote = ray.remote(fn).options(num_cpus=cpus, max_retries=1)
+    pending = [remote.remote(*call, **kwargs) for call in calls]
+    results: list[dict[str, Any]] = []
+    with tqdm(total=len(pending), desc=desc, unit="case", file=sys.stderr, disable=None) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.extend(ray.get(done))
+            bar.update(len(done))
+    return results
+
+
+def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> Any:
+    from multitalent.preprocess import IntensityStats, Plan
+
+    norm = job.preprocess.normalization
+    if norm.source == "fixed":
+        assert norm.clip is not None and norm.mean is not None and norm.std is not None
+        stats = IntensityStats(clip_low=norm.clip[0], clip_high=norm.clip[1], mean=norm.mean, std=norm.std)
+    else:
+        if not samples:
+            raise RuntimeError("no valid case to compute the collection's intensity statistics from")
+        stats = IntensityStats.from_samples(samples)
+    return Plan.create(
+        catalog=catalog,
+        target_spacing_zyx_mm=tuple(job.preprocess.target_spacing_zyx_mm),
+        stats=stats,
+        stats_source=norm.source,
+        anisotropy_threshold=job.preprocess.anisotropy_threshold,
+        fg_locations_per_class=job.preprocess.fg_locations_per_class,
+    )
+
+
+def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print) -> ConvertSummary:
+    from multitalent.raycluster import ray_session
+    from multitalent.shards import CaseRecord, write_manifest, write_shards
+
+    catalog = _selected_catalog(job)
+    raw_root, out = Path(job.raw_root), Path(job.out)
+    if job.synth is not None and not raw_root.exists():
+        from multitalent.synth import write_phantom_collection
+
+        log(f"raw data {raw_root} missing: writing the phantom collection (seed {job.synth.seed})")
+        write_phantom_collection(raw_root, seed=job.synth.seed, scale=job.synth.scale)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / ".work" / "samples"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    summary = ConvertSummary(out=out)
+    cases, summary.failures = _discover(catalog, raw_root)
+    log(f"{len(cases)} cases in {len(catalog.datasets)} datasets under {raw_root}")
+    by_id = {d.id: d for d in catalog.datasets}
+    calls = [(c, by_id[c.dataset_id]) for c in cases]
+    cpus = job.ray.cpus_per_task
+
+    with ray_session(address=address or job.ray.address, num_cpus=job.ray.num_cpus) as ray:
+        valid = cases
+        samples: list[np.ndarray] = []
+        if job.preprocess.normalization.source == "collection":
+            scanned = _run_tasks(
+                ray, _scan, calls, cpus=cpus, desc="scan",
+                kwargs={"samples": job.preprocess.normalization.samples_per_case, "cache_dir": str(cache)},
+            )
+            scanned.sort(key=lambda r: (r["dataset_id"], r["case_id"]))
+            bad = {(r["dataset_id"], r["case_id"]) for r in scanned if r["status"] == "failed"}
+            summary.failures += [r for r in scanned if r["status"] == "failed"]
+            samples = [np.load(r["sample"]) for r in scanned if r["status"] == "ok"]
+            valid = [c for c in cases if (c.dataset_id, c.case_id) not in bad]
+        plan = _make_plan(job, catalog, samples)
+        _atomic_write_text(out / "plan.json", plan.to_json())
+        log(f"plan {plan.sha256[:12]}: clip {plan.normalization['clip']}, "
+            f"mean {plan.normalization['mean']:.2f}, std {plan.normalization['std']:.2f}")
+
+        results = _run_tasks(
+            ray, _convert, [(c, by_id[c.dataset_id]) for c in valid], cpus=cpus, desc="convert",
+            kwargs={"plan_json": plan.to_json(), "plan_sha256": plan.sha256, "out": str(out)},
+        )
+    records = []
+    for r in results:
+        summary.warnings += [f"{r.get('dataset_id', '')}/{r.get('case_id', '')}: {w}" for w in r.get("warnings", [])]
+        if r["status"] == "failed":
+            summary.failures.append(r)
+            continue
+        summary.converted += r["status"] == "converted"
+        summary.skipped += r["status"] == "skipped"
+        records.append(CaseRecord.from_dict(r["record"]))
+    records.sort(key=lambda rec: (rec.dataset_id, rec.case_id))
+    shards = write_shards(
+        out, records, max_cases_per_shard=job.shards.max_cases_per_shard, max_shard_bytes=job.shards.max_shard_bytes
+    )
+    summary.shards = len(shards)
+    write_manifest(out, records, shards, plan_sha256=plan.sha256, catalog_hash=catalog.hash)
+    summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
+    report = {"failures": summary.failures, "warnings": sorted(summary.warnings),
+              "converted": summary.converted, "skipped": summary.skipped, "cases": len(records)}
+    _atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    return summary
+
+
+# Ray pickles these by reference; keep them module-level.
+def _scan(case: Any, dataset: Any, **kw: Any) -> dict[str, Any]:
+    from multitalent.convert.tasks import scan_case
+
+    return scan_case(case, dataset, **kw)
+
+
+def _convert(case: Any, dataset: Any, **kw: Any) -> dict[str, Any]:
+    from multitalent.convert.tasks import convert_case
+
+    return convert_case(case, dataset, **kw)

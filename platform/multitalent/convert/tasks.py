@@ -1,0 +1,104 @@
+"""The work done for one case, as plain functions that run inside Ray tasks.
+
+Each returns a small JSON-able dict, never raises for bad input: a ``CaseError`` becomes
+``{"status": "failed", "file": ..., "reason": ...}`` so one bad case never stops the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multitalent.catalog import DatasetSpec
+
+
+def _failed(case: Any, path: Path | str, reason: str) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "dataset_id": case.dataset_id,
+        "case_id": case.case_id,
+        "file": str(path),
+        "reason": reason,
+    }
+
+
+def source_digest(case: Any) -> str:
+    """sha256 over the raw files of a case (names and bytes), to notice changed inputs."""
+    h = hashlib.sha256()
+    paths = [case.image_path, case.label_path, *sorted((case.structure_paths or {}).values())]
+    for p in paths:
+        if p is None or not Path(p).is_file():
+            continue
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def scan_case(case: Any, dataset: DatasetSpec, *, samples: int, cache_dir: str) -> dict[str, Any]:
+    """Validate a case and draw its foreground intensity sample (cached on disk for reruns)."""
+    from multitalent.preprocess import foreground_intensity_sample
+    from multitalent.rawio import CaseError, load_case
+
+    key = f"{case.dataset_id}__{case.case_id}"
+    digest = source_digest(case)
+    cached = Path(cache_dir) / f"{key}.{digest[:16]}.npy"
+    if cached.is_file():
+        return {"status": "ok", "dataset_id": case.dataset_id, "case_id": case.case_id, "sample": str(cached)}
+    try:
+        loaded = load_case(case, dataset)
+    except CaseError as e:
+        return _failed(case, e.path, e.reason)
+    sample = foreground_intensity_sample(loaded.image, loaded.label, n=samples, seed=_seed(key))
+    tmp = cached.with_name(f".tmp-{cached.name}")
+    np.save(tmp, sample)
+    tmp.replace(cached)
+    return {
+        "status": "ok",
+        "dataset_id": case.dataset_id,
+        "case_id": case.case_id,
+        "sample": str(cached),
+        "warnings": list(loaded.warnings),
+    }
+
+
+def convert_case(case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256: str, out: str) -> dict[str, Any]:
+    """Preprocess one case into its Zarr store, unless a verified store of the same inputs exists."""
+    from multitalent.preprocess import Plan, preprocess_case
+    from multitalent.rawio import CaseError, load_case
+    from multitalent.shards import verify_case_zarr, write_case_zarr, zarr_case_path
+
+    out_root = Path(out)
+    digest = source_digest(case)
+    store = zarr_case_path(out_root, case.dataset_id, case.case_id)
+    if store.exists():
+        record = verify_case_zarr(store)
+        if record is not None and record.meta.get("source_sha256") == digest and (
+            record.meta.get("plan_sha256") == plan_sha256
+        ):
+            return {"status": "skipped", "record": record.to_dict()}
+    try:
+        loaded = load_case(case, dataset)
+    except CaseError as e:
+        return _failed(case, e.path, e.reason)
+    plan = Plan.from_json(plan_json)
+    key = f"{case.dataset_id}__{case.case_id}"
+    pre = preprocess_case(
+        loaded.image, loaded.label, loaded.affine, plan=plan, dataset=dataset, seed_key=key
+    )
+    record = write_case_zarr(
+        out_root,
+        pre,
+        dataset_id=case.dataset_id,
+        case_id=case.case_id,
+        extra_attrs={"source_sha256": digest, "plan_sha256": plan_sha256},
+    )
+    return {"status": "converted", "record": record.to_dict(), "warnings": list(loaded.warnings)}
+
+
+def _seed(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
