@@ -1,0 +1,423 @@
+"""Batched nnU-Net "moreDA" augmentation in torch, the same code on CPU and GPU.
+
+nnU-Net v2 augments one sample at a time in a dozen CPU worker processes per GPU. Here a whole batch is
+augmented at once with per-sample random parameters, either in the loader (CPU) or inside the training
+step (GPU, where it costs milliseconds).
+
+Drawing and applying are split: :func:`sample_params` draws every random decision of a batch into an
+:class:`AugmentParams` (small CPU tensors, from a CPU ``torch.Generator``), :func:`apply_params` applies
+them. :func:`augment_batch` does both. Tests force exact parameters by building ``AugmentParams`` by hand.
+
+Order of operations follows nnU-Net v2's ``nnUNetTrainer.get_training_transforms`` (no elastic
+deformation, as MultiTalent's reference):
+
+1. spatial: rotation (p 0.2 per sample; when it hits, all three axes get an angle in ±30°) and isotropic
+   scaling (p 0.2, factor 0.7–1.4; > 1 samples a larger region, so structures look smaller), sampled from
+   the centre of the (larger) input patch; mirroring on each axis with p 0.5 is folded into the same
+   affine (nnU-Net mirrors last; every intensity transform here is mirror-equivariant, so the
+   distribution is the same). Image trilinear, labels nearest; outside the input: image 0, label 0.
+   Samples without rotation or scaling are cropped and flipped, never resampled (exact copies).
+2. Gaussian noise, p 0.1, std ~ U(0, 0.1) shared by the channels (nnU-Net calls it "variance" but uses
+   it as the standard deviation).
+3. Gaussian blur, p 0.2, then each channel p 0.5, σ ~ U(0.5, 1) drawn per channel and per axis,
+   separable, reflect padding, kernel radius ceil(3σ).
+4. multiplicative brightness, p 0.15, factor per channel from 0.75–1.25.
+5. contrast, p 0.15, factor per channel from 0.75–1.25 about the channel mean, clipped back to the
+   channel's previous range.
+6. low-resolution simulation, p 0.25, then each channel p 0.5, zoom ~ U(0.5, 1) shared by the axes:
+   nearest-exact downsampling, trilinear upsampling.
+7. inverted gamma, p 0.1: gamma on the negated image; then 8. gamma, p 0.3; γ per channel from 0.7–1.5;
+   both restore the channel's mean and standard deviation.
+
+Brightness, contrast and gamma factors use nnU-Net's "BGContrast" draw: with p 0.5 uniform below 1,
+else uniform above 1, so shrinking and growing are equally likely.
+
+nnU-Net's ``do_dummy_2d_data_aug`` (in-plane-only spatial augmentation for strongly anisotropic patches)
+is not implemented: the MultiTalent patch [96, 192, 192] at [1.5, 1, 1] mm is nearly isotropic in mm
+(and nnU-Net only uses it when the patch's max/min edge ratio exceeds 3).
+
+Determinism: every scalar parameter is drawn on the CPU from the caller's generator, so a seed gives the
+same parameters on any device. The noise field is drawn on the data's device from a generator seeded
+by a number drawn from the caller's generator: reproducible per device type, not bitwise equal between
+CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from multitalent.data.augment_intensity import (
+    apply_blur,
+    apply_brightness,
+    apply_contrast,
+    apply_gamma,
+    apply_lowres,
+    apply_noise,
+)
+from multitalent.data.augment_spatial import apply_spatial
+
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges; defaults are nnU-Net v2's training augmentation (MultiTalent's)."""
+
+    p_rotation: float = 0.2
+    rotation_deg: Range = (-30.0, 30.0)  # per axis; all three axes rotate when p_rotation hits
+    p_scaling: float = 0.2
+    scaling: Range = (0.7, 1.4)  # isotropic; multiplies sampling coordinates (> 1 = zoom out)
+    p_mirror_zyx: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    p_noise: float = 0.1
+    noise_std: Range = (0.0, 0.1)
+    p_blur: float = 0.2
+    blur_p_per_channel: float = 0.5
+    blur_sigma: Range = (0.5, 1.0)  # voxels, per channel and per axis
+    p_brightness: float = 0.15
+    brightness: Range = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast: Range = (0.75, 1.25)
+    p_lowres: float = 0.25
+    lowres_p_per_channel: float = 0.5
+    lowres_zoom: Range = (0.5, 1.0)
+    p_gamma_inverted: float = 0.1
+    p_gamma: float = 0.3
+    gamma: Range = (0.7, 1.5)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "p_mirror_zyx":
+                if len(value) != 3 or not all(0.0 <= p <= 1.0 for p in value):
+                    raise ValueError(
+                        f"AugmentConfig.p_mirror_zyx: need 3 probabilities in [0, 1], got {value}"
+                    )
+            elif f.name.startswith("p_") or f.name.endswith("_p_per_channel"):
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(f"AugmentConfig.{f.name}: probability {value} is outside [0, 1]")
+            elif len(value) != 2 or value[0] > value[1]:
+                raise ValueError(
+                    f"AugmentConfig.{f.name}: need a range (low, high) with low <= high, got {value}"
+                )
+        for name in ("scaling", "brightness", "contrast", "gamma", "lowres_zoom", "blur_sigma"):
+            if getattr(self, name)[0] <= 0:
+                raise ValueError(f"AugmentConfig.{name}: range must be positive, got {getattr(self, name)}")
+        if self.noise_std[0] < 0:
+            raise ValueError(f"AugmentConfig.noise_std: must be >= 0, got {self.noise_std}")
+
+
+def identity_config() -> AugmentConfig:
+    """A config under which every probability is 0: the output is the centre crop of the input."""
+    return AugmentConfig(
+        p_rotation=0.0,
+        p_scaling=0.0,
+        p_mirror_zyx=(0.0, 0.0, 0.0),
+        p_noise=0.0,
+        p_blur=0.0,
+        p_brightness=0.0,
+        p_contrast=0.0,
+        p_lowres=0.0,
+        p_gamma_inverted=0.0,
+        p_gamma=0.0,
+    )
+
+
+@dataclass
+class AugmentParams:
+    """Every random decision of one batch; CPU tensors, ``b`` = sample, ``c`` = image channel.
+
+    A transform applies to a sample where its mask is true; the value tensors are ignored elsewhere.
+    Build one with :func:`sample_params`, or :meth:`identity` and set fields to force a transform.
+    """
+
+    rotate_b: torch.Tensor  # bool (B,)
+    rotation_rad_b3: torch.Tensor  # float64 (B, 3): about z, y, x; +90° about z == rot90(dims=(y, x))
+    scale_b: torch.Tensor  # bool (B,)
+    scale_factor_b: torch.Tensor  # float64 (B,)
+    mirror_b3: torch.Tensor  # bool (B, 3): flip z, y, x
+    noise_b: torch.Tensor  # bool (B,)
+    noise_std_b: torch.Tensor  # float32 (B,)
+    blur_bc: torch.Tensor  # bool (B, C)
+    blur_sigma_bc3: torch.Tensor  # float32 (B, C, 3) voxels along z, y, x
+    brightness_b: torch.Tensor  # bool (B,)
+    brightness_bc: torch.Tensor  # float32 (B, C)
+    contrast_b: torch.Tensor  # bool (B,)
+    contrast_bc: torch.Tensor  # float32 (B, C)
+    lowres_bc: torch.Tensor  # bool (B, C)
+    lowres_zoom_bc: torch.Tensor  # float32 (B, C)
+    gamma_inverted_b: torch.Tensor  # bool (B,)
+    gamma_inverted_bc: torch.Tensor  # float32 (B, C)
+    gamma_b: torch.Tensor  # bool (B,)
+    gamma_bc: torch.Tensor  # float32 (B, C)
+    noise_seed: int = field(default=0)
+
+    @classmethod
+    def identity(cls, batch_size: int, n_channels: int = 1) -> AugmentParams:
+        """Parameters that change nothing (all masks false, neutral values)."""
+        b, c = batch_size, n_channels
+        no_b = torch.zeros(b, dtype=torch.bool)
+        no_bc = torch.zeros(b, c, dtype=torch.bool)
+        one_bc = torch.ones(b, c, dtype=torch.float32)
+        return cls(
+            rotate_b=no_b.clone(),
+            rotation_rad_b3=torch.zeros(b, 3, dtype=torch.float64),
+            scale_b=no_b.clone(),
+            scale_factor_b=torch.ones(b, dtype=torch.float64),
+            mirror_b3=torch.zeros(b, 3, dtype=torch.bool),
+            noise_b=no_b.clone(),
+            noise_std_b=torch.zeros(b, dtype=torch.float32),
+            blur_bc=no_bc.clone(),
+            blur_sigma_bc3=torch.ones(b, c, 3, dtype=torch.float32),
+            brightness_b=no_b.clone(),
+            brightness_bc=one_bc.clone(),
+            contrast_b=no_b.clone(),
+            contrast_bc=one_bc.clone(),
+            lowres_bc=no_bc.clone(),
+            lowres_zoom_bc=one_bc.clone(),
+            gamma_inverted_b=no_b.clone(),
+            gamma_inverted_bc=one_bc.clone(),
+            gamma_b=no_b.clone(),
+            gamma_bc=one_bc.clone(),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.rotate_b.shape[0])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.blur_bc.shape[1])
+
+    def resampled_b(self) -> torch.Tensor:
+        """bool (B,): samples that go through interpolation (rotation or scaling)."""
+        return self.rotate_b | self.scale_b
+
+    def describe(self, b: int) -> str:
+        """A short text naming the transforms applied to sample ``b`` (for previews and logs)."""
+        parts: list[str] = []
+        if self.rotate_b[b]:
+            deg = [round(math.degrees(float(a))) for a in self.rotation_rad_b3[b]]
+            parts.append(f"rot{deg[0]:+d}/{deg[1]:+d}/{deg[2]:+d}")
+        if self.scale_b[b]:
+            parts.append(f"scale{float(self.scale_factor_b[b]):.2f}")
+        flips = "".join(a for a, m in zip("zyx", self.mirror_b3[b].tolist()) if m)
+        if flips:
+            parts.append(f"flip{flips}")
+        if self.noise_b[b]:
+            parts.append(f"noise{float(self.noise_std_b[b]):.2f}")
+        if self.blur_bc[b].any():
+            parts.append(f"blur{float(self.blur_sigma_bc3[b][self.blur_bc[b]].mean()):.2f}")
+        if self.brightness_b[b]:
+            parts.append(f"bright{float(self.brightness_bc[b, 0]):.2f}")
+        if self.contrast_b[b]:
+            parts.append(f"contr{float(self.contrast_bc[b, 0]):.2f}")
+        if self.lowres_bc[b].any():
+            parts.append(f"lowres{float(self.lowres_zoom_bc[b][self.lowres_bc[b]].min()):.2f}")
+        if self.gamma_inverted_b[b]:
+            parts.append(f"invgamma{float(self.gamma_inverted_bc[b, 0]):.2f}")
+        if self.gamma_b[b]:
+            parts.append(f"gamma{float(self.gamma_bc[b, 0]):.2f}")
+        return " ".join(parts) if parts else "none"
+
+    def validate(self, batch_size: int, n_channels: int) -> None:
+        """Raise ``ValueError`` if a field's shape does not match a batch of this size."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            suffix = f.name.rsplit("_", 1)[-1]
+            expected = {"b": (batch_size,), "b3": (batch_size, 3), "bc": (batch_size, n_channels)}.get(
+                suffix, (batch_size, n_channels, 3)
+            )
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"AugmentParams.{f.name}: shape {tuple(value.shape)} does not fit a batch of "
+                    f"{batch_size} samples x {n_channels} channels (expected {expected})"
+                )
+
+
+def _uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+def _hits(p: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, dtype=torch.float64) < p
+
+
+def _below_or_above_one(rng: Range, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """nnU-Net's BGContrast draw: p 0.5 uniform in [low, 1), else uniform in [max(low, 1), high)."""
+    low, high = rng
+    pick_low = _hits(0.5, shape, generator) & (low < 1.0)
+    below = _uniform(low, min(1.0, high), shape, generator)
+    above = _uniform(max(low, 1.0), high, shape, generator)
+    return torch.where(pick_low, below, above).float()
+
+
+def sample_params(
+    config: AugmentConfig, batch_size: int, generator: torch.Generator, *, n_channels: int = 1
+) -> AugmentParams:
+    """Draw the parameters of one batch from ``generator`` (a CPU generator).
+
+    Every draw happens whatever the probabilities, in a fixed order, so a seed gives the same stream of
+    values under any config and changing one probability does not reshuffle the others.
+    """
+    if generator.device.type != "cpu":
+        raise ValueError(f"sample_params: generator must be a CPU generator, got {generator.device}")
+    b, c = batch_size, n_channels
+    g = generator
+    rot_lo, rot_hi = (math.radians(a) for a in config.rotation_deg)
+    rotate_b = _hits(config.p_rotation, (b,), g)
+    rotation = _uniform(rot_lo, rot_hi, (b, 3), g)
+    scale_b = _hits(config.p_scaling, (b,), g)
+    scale_factor = _uniform(*config.scaling, (b,), g)
+    mirror_b3 = torch.rand((b, 3), generator=g, dtype=torch.float64) < torch.tensor(
+        config.p_mirror_zyx, dtype=torch.float64
+    )
+    noise_b = _hits(config.p_noise, (b,), g)
+    noise_std = _uniform(*config.noise_std, (b,), g).float()
+    blur_b = _hits(config.p_blur, (b,), g)
+    blur_bc = blur_b[:, None] & _hits(config.blur_p_per_channel, (b, c), g)
+    blur_sigma = _uniform(*config.blur_sigma, (b, c, 3), g).float()
+    brightness_b = _hits(config.p_brightness, (b,), g)
+    brightness = _below_or_above_one(config.brightness, (b, c), g)
+    contrast_b = _hits(config.p_contrast, (b,), g)
+    contrast = _below_or_above_one(config.contrast, (b, c), g)
+    lowres_b = _hits(config.p_lowres, (b,), g)
+    lowres_bc = lowres_b[:, None] & _hits(config.lowres_p_per_channel, (b, c), g)
+    lowres_zoom = _uniform(*config.lowres_zoom, (b, c), g).float()
+    gamma_inverted_b = _hits(config.p_gamma_inverted, (b,), g)
+    gamma_inverted = _below_or_above_one(config.gamma, (b, c), g)
+    gamma_b = _hits(config.p_gamma, (b,), g)
+    gamma = _below_or_above_one(config.gamma, (b, c), g)
+    noise_seed = int(torch.randint(0, 2**62, (1,), generator=g).item())
+    return AugmentParams(
+        rotate_b=rotate_b,
+        rotation_rad_b3=torch.where(rotate_b[:, None], rotation, torch.zeros_like(rotation)),
+        scale_b=scale_b,
+        scale_factor_b=torch.where(scale_b, scale_factor, torch.ones_like(scale_factor)),
+        mirror_b3=mirror_b3,
+        noise_b=noise_b,
+        noise_std_b=noise_std,
+        blur_bc=blur_bc,
+        blur_sigma_bc3=blur_sigma,
+        brightness_b=brightness_b,
+        brightness_bc=brightness,
+        contrast_b=contrast_b,
+        contrast_bc=contrast,
+        lowres_bc=lowres_bc,
+        lowres_zoom_bc=lowres_zoom,
+        gamma_inverted_b=gamma_inverted_b,
+        gamma_inverted_bc=gamma_inverted,
+        gamma_b=gamma_b,
+        gamma_bc=gamma,
+        noise_seed=noise_seed,
+    )
+
+
+def read_shape_zyx(out_shape_zyx: tuple[int, int, int], config: AugmentConfig) -> tuple[int, int, int]:
+    """The input patch a loader should read so rotations rarely pull in padding (nnU-Net's rule).
+
+    The bounding box of the output patch rotated by the largest angle about each axis separately,
+    divided by 0.85 as nnU-Net does (it does not use the real scaling range; zooming out by more
+    than 1/0.85 reaches padding near the corners, as in nnU-Net). nnU-Net rotates only one diagonal
+    of the box and so reads slightly less along x.
+    """
+    if config.p_rotation == 0 and config.p_scaling == 0:
+        return out_shape_zyx
+    theta = min(math.radians(max(abs(a) for a in config.rotation_deg)), math.pi / 2)
+    if config.p_rotation == 0:
+        theta = 0.0
+    cos, sin = math.cos(theta), math.sin(theta)
+    size = [float(s) for s in out_shape_zyx]
+    need = list(size)
+    for axis in range(3):
+        u, v = [a for a in range(3) if a != axis]
+        need[u] = max(need[u], size[u] * cos + size[v] * sin)
+        need[v] = max(need[v], size[v] * cos + size[u] * sin)
+    zoom = 1 / 0.85 if config.p_scaling > 0 else 1.0
+    z, y, x = (max(int(n * zoom), s) for n, s in zip(need, out_shape_zyx))
+    return (z, y, x)
+
+
+def apply_params(
+    image_bczyx: torch.Tensor,
+    label_bzyx: torch.Tensor,
+    params: AugmentParams,
+    *,
+    out_shape_zyx: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply drawn parameters; see :func:`augment_batch` for the shape contract."""
+    _check_inputs(image_bczyx, label_bzyx)
+    batch, channels = image_bczyx.shape[:2]
+    params.validate(batch, channels)
+    in_shape = tuple(int(s) for s in image_bczyx.shape[2:])
+    out_shape = in_shape if out_shape_zyx is None else tuple(int(s) for s in out_shape_zyx)
+    if len(out_shape) != 3 or any(o > i or o < 1 for o, i in zip(out_shape, in_shape)):
+        raise ValueError(f"augment: out_shape_zyx {out_shape_zyx} must be 3 sizes in [1, input {in_shape}]")
+    with torch.no_grad():
+        image, label = apply_spatial(
+            image_bczyx,
+            label_bzyx,
+            params,
+            out_shape_zyx=(out_shape[0], out_shape[1], out_shape[2]),
+        )
+        apply_noise(image, params)
+        apply_blur(image, params)
+        apply_brightness(image, params)
+        apply_contrast(image, params)
+        apply_lowres(image, params)
+        apply_gamma(image, mask_b=params.gamma_inverted_b, gamma_bc=params.gamma_inverted_bc, invert=True)
+        apply_gamma(image, mask_b=params.gamma_b, gamma_bc=params.gamma_bc, invert=False)
+    return image, label
+
+
+def augment_batch(
+    image_bczyx: torch.Tensor,
+    label_bzyx: torch.Tensor,
+    *,
+    config: AugmentConfig,
+    generator: torch.Generator,
+    out_shape_zyx: tuple[int, int, int] | None = None,
+    params: AugmentParams | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch; returns new tensors ``(image_bczyx, label_bzyx)`` on the input's device.
+
+    Args:
+        image_bczyx: float32 (B, C, Z, Y, X), normalised intensities.
+        label_bzyx: integer (B, Z, Y, X) raw label map (uint8 or int64); output keeps its dtype and its
+            values are a subset of the input's values plus 0 (background where padding comes in).
+        config: probabilities and ranges, used when ``params`` is None.
+        generator: CPU generator all parameters are drawn from.
+        out_shape_zyx: output patch size, at most the input's; the centre of the input is sampled
+            (the loader reads a larger patch, see :func:`read_shape_zyx`). Default: the input shape.
+        params: force these parameters instead of drawing them (``generator`` is then unused).
+
+    Raises:
+        ValueError: wrong dtypes, shapes, or an out_shape larger than the input.
+    """
+    if params is None:
+        params = sample_params(
+            config, int(image_bczyx.shape[0]), generator, n_channels=int(image_bczyx.shape[1])
+        )
+    return apply_params(image_bczyx, label_bzyx, params, out_shape_zyx=out_shape_zyx)
+
+
+def _check_inputs(image_bczyx: torch.Tensor, label_bzyx: torch.Tensor) -> None:
+    if image_bczyx.ndim != 5 or image_bczyx.dtype != torch.float32:
+        raise ValueError(
+            f"augment: image must be float32 (B, C, Z, Y, X), "
+            f"got {image_bczyx.dtype} {tuple(image_bczyx.shape)}"
+        )
+    if label_bzyx.dtype.is_floating_point or label_bzyx.dtype == torch.bool or label_bzyx.is_complex():
+        raise ValueError(f"augment: label must be an integer tensor, got {label_bzyx.dtype}")
+    expected = (image_bczyx.shape[0], *image_bczyx.shape[2:])
+    if tuple(label_bzyx.shape) != tuple(expected):
+        raise ValueError(
+            f"augment: label shape {tuple(label_bzyx.shape)} does not match image {tuple(image_bczyx.shape)} "
+            f"(expected {tuple(expected)})"
+        )
+    if label_bzyx.device != image_bczyx.device:
+        raise ValueError(f"augment: image on {image_bczyx.device} but label on {label_bzyx.device}")

@@ -1,0 +1,253 @@
+"""``multitalent augment-preview``: a PNG grid of patches before and after augmentation.
+
+Each row shows the mid axial slice of one patch as read (its centre crop) and after
+:func:`~multitalent.data.augment.augment_batch`, with the raw label map overlaid in colour and the
+applied transforms written above the augmented panel. Patches are read like the loader does: a
+larger box (:func:`~multitalent.data.augment.read_shape_zyx`) centred on a random foreground voxel
+(or a random voxel when the case has none), padded with 0 outside the volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+# label value -> RGB; value v > 0 uses _PALETTE[(v - 1) % len]
+_PALETTE = np.array(
+    [
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+        (0, 128, 128),
+        (220, 190, 255),
+        (170, 110, 40),
+        (255, 250, 200),
+        (128, 0, 0),
+        (170, 255, 195),
+    ],
+    dtype=np.float32,
+)
+_ALPHA = 0.45
+_TITLE_PX = 14
+_MIN_PANEL_PX = 192
+
+
+def _as_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _panel(image_yx: np.ndarray, label_yx: np.ndarray) -> np.ndarray:
+    """uint8 (y, x, 3): grey image windowed to its 1st-99th percentile, labels blended, outlines solid."""
+    lo, hi = np.percentile(image_yx, [1, 99]) if image_yx.size else (0.0, 1.0)
+    grey = np.clip((image_yx - lo) / max(float(hi - lo), 1e-6), 0, 1) * 255
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    labels = label_yx.astype(np.int64)
+    fg = labels > 0
+    if fg.any():
+        colour = _PALETTE[(labels[fg] - 1) % len(_PALETTE)]
+        rgb[fg] = (1 - _ALPHA) * rgb[fg] + _ALPHA * colour
+        edge = np.zeros_like(fg)
+        edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+        edge[:-1, :] |= labels[1:, :] != labels[:-1, :]
+        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+        edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
+        edge &= fg
+        rgb[edge] = _PALETTE[(labels[edge] - 1) % len(_PALETTE)]
+    return rgb.round().astype(np.uint8)
+
+
+def render_grid(
+    images: Sequence[Any], labels: Sequence[Any], titles: Sequence[str], *, columns: int = 2
+) -> Image.Image:
+    """One panel per (image, label, title), row-major with ``columns`` panels per row.
+
+    Args:
+        images: 2-D (y, x) float arrays or tensors, e.g. mid axial slices.
+        labels: integer arrays of the same shapes (0 = background, not drawn).
+        titles: one line of text per panel.
+
+    Returns:
+        An RGB ``PIL.Image``; panels are upscaled (nearest) to at least 192 px wide.
+    """
+    from PIL import Image, ImageDraw
+
+    if not len(images) == len(labels) == len(titles) or len(images) == 0:
+        raise ValueError(
+            f"render_grid: need the same non-zero number of images ({len(images)}), labels ({len(labels)}) "
+            f"and titles ({len(titles)})"
+        )
+    panels: list[np.ndarray] = []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        img_yx, lab_yx = _as_numpy(img).astype(np.float32), _as_numpy(lab)
+        if img_yx.ndim != 2 or img_yx.shape != lab_yx.shape:
+            raise ValueError(
+                f"render_grid: panel {i}: image {img_yx.shape} and label {lab_yx.shape} must be 2-D alike"
+            )
+        panels.append(_panel(img_yx, lab_yx))
+    height = max(p.shape[0] for p in panels)
+    width = max(p.shape[1] for p in panels)
+    zoom = max(1, -(-_MIN_PANEL_PX // width))
+    cell_h, cell_w = height * zoom + _TITLE_PX, width * zoom
+    rows = -(-len(panels) // columns)
+    canvas = Image.new(
+        "RGB", (columns * cell_w + (columns - 1) * 2, rows * cell_h + (rows - 1) * 2), (0, 0, 0)
+    )
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        r, c = divmod(i, columns)
+        x0, y0 = c * (cell_w + 2), r * (cell_h + 2)
+        tile = Image.fromarray(panel).resize(
+            (panel.shape[1] * zoom, panel.shape[0] * zoom), Image.Resampling.NEAREST
+        )
+        canvas.paste(tile, (x0, y0 + _TITLE_PX))
+        draw.text((x0 + 2, y0 + 1), title, fill=(255, 255, 255))
+    return canvas
+
+
+def _crop_padded(
+    array: Any, center_zyx: Sequence[int], shape_zyx: Sequence[int], *, dtype: Any, transform: Any = None
+) -> np.ndarray:
+    """``shape_zyx`` box centred at ``center_zyx`` (start = centre - size // 2), 0 outside the volume.
+
+    ``transform`` maps the voxels read (a numpy array) before they are placed, so padding stays 0.
+    """
+    out = np.zeros(tuple(shape_zyx), dtype=dtype)
+    src, dst = [], []
+    for c, s, n in zip(center_zyx, shape_zyx, array.shape):
+        lo = int(c) - int(s) // 2
+        a, b = max(lo, 0), min(lo + int(s), int(n))
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    voxels = np.asarray(array[tuple(src)])
+    out[tuple(dst)] = voxels if transform is None else transform(voxels)
+    return out
+
+
+def _load_patches(
+    shards_dir: Path, n: int, patch: tuple[int, int, int], seed: int
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read ``n`` patches of the loader's read size for ``patch`` from the Zarr stores of a collection.
+
+    Returns ``(image_bczyx float32 normalised, label_bzyx uint8, keys)``; cases are drawn uniformly
+    with replacement. Normalisation ``(clip(x, lo, hi) - mean) / std`` comes from ``plan.json``.
+
+    Raises:
+        FileNotFoundError / ValueError naming the file when plan.json or the stores are missing or bad.
+    """
+    import torch
+
+    from multitalent.data.augment import AugmentConfig, read_shape_zyx
+    from multitalent.shards import open_case_zarr
+
+    plan_path = shards_dir / "plan.json"
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{plan_path}: no plan.json (is --shards a converted output folder?)")
+    try:
+        norm = json.loads(plan_path.read_text())["normalization"]
+        lo, hi = (float(v) for v in norm["clip"])
+        mean, std = float(norm["mean"]), float(norm["std"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{plan_path}: cannot read normalization clip/mean/std ({e})") from e
+    stores = sorted((shards_dir / "zarr").glob("*/*.zarr"))
+    if not stores:
+        raise FileNotFoundError(f"{shards_dir / 'zarr'}: no case stores <dataset_id>/<case_id>.zarr")
+    rng = np.random.default_rng(seed)
+    read = read_shape_zyx(patch, AugmentConfig())
+    images, labels, keys = [], [], []
+    for store in rng.choice(len(stores), size=n, replace=True):
+        case = open_case_zarr(stores[int(store)])
+        shape = case.image.shape
+        fg = np.asarray(case.fg_locations)
+        # a foreground centre, as the loader's oversampling does, so the overlay has something to show
+        if len(fg):
+            center = [int(v) for v in fg[rng.integers(len(fg)), 1:4]]
+        else:
+            center = [int(rng.integers(s)) for s in shape]
+        images.append(
+            _crop_padded(
+                case.image,
+                center,
+                read,
+                dtype=np.float32,
+                transform=lambda v: (np.clip(v, lo, hi) - mean) / std,
+            )
+        )
+        labels.append(_crop_padded(case.label, center, read, dtype=np.uint8))
+        keys.append(case.key)
+    return (
+        torch.from_numpy(np.stack(images))[:, None],
+        torch.from_numpy(np.stack(labels).astype(np.uint8)),
+        keys,
+    )
+
+
+def _parse_patch(text: str) -> tuple[int, int, int]:
+    try:
+        z, y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--patch {text!r}: expected three integers z,y,x") from None
+    if min(z, y, x) < 1:
+        raise ValueError(f"--patch {text!r}: sizes must be positive")
+    return (z, y, x)
+
+
+def preview(
+    image_bczyx: torch.Tensor,
+    label_bzyx: torch.Tensor,
+    keys: Sequence[str],
+    *,
+    patch: tuple[int, int, int],
+    seed: int,
+) -> Image.Image:
+    """Augment the patches with the default config and render originals beside augmented versions."""
+    import torch
+
+    from multitalent.data.augment import AugmentConfig, AugmentParams, apply_params, sample_params
+
+    batch, channels = image_bczyx.shape[:2]
+    params = sample_params(AugmentConfig(), batch, torch.Generator().manual_seed(seed), n_channels=channels)
+    crop_img, crop_lab = apply_params(
+        image_bczyx, label_bzyx, AugmentParams.identity(batch, channels), out_shape_zyx=patch
+    )
+    aug_img, aug_lab = apply_params(image_bczyx, label_bzyx, params, out_shape_zyx=patch)
+    mid = patch[0] // 2
+    images, labels, titles = [], [], []
+    for b in range(batch):
+        images += [crop_img[b, 0, mid], aug_img[b, 0, mid]]
+        labels += [crop_lab[b, mid], aug_lab[b, mid]]
+        titles += [keys[b], params.describe(b)]
+    return render_grid(images, labels, titles)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: ``--shards DIR --out grid.png [--n 8] [--patch 48,96,96] [--seed 0]``."""
+    patch = _parse_patch(args.patch)
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: need at least one patch")
+    image, label, keys = _load_patches(Path(args.shards), args.n, patch, args.seed)
+    grid = preview(image, label, keys, patch=patch, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"wrote {out} ({args.n} patches, {grid.width}x{grid.height} px)")
+    return 0
