@@ -16,6 +16,7 @@ from multitalent.data.sampling import (
     kfold_split,
     partition,
     random_center,
+    split_cases,
     split_keys,
     stream_patch_counts,
     stream_rngs,
@@ -185,6 +186,12 @@ def test_split_keys_is_per_dataset():
     assert len([k for k in val if k[0] == "big"]) == 2
     assert ("tiny", "t0") in train and ("tiny", "t1") in train  # too few cases to split
     assert split_keys(keys, None) == (sorted(keys), [])
+    # the same split over manifest-like entries returns the entries themselves
+    entries = [{"dataset_id": d, "case_id": c, "zarr_path": f"zarr/{d}/{c}.zarr"} for d, c in keys]
+    e_train, e_val = split_cases(entries, 0)
+    assert [(e["dataset_id"], e["case_id"]) for e in e_val] == val
+    assert [(e["dataset_id"], e["case_id"]) for e in e_train] == train
+    assert split_cases([f"{d}__{c}" for d, c in keys], 0)[1] == [f"{d}__{c}" for d, c in val]
 
 
 # ------------------------------------------------------------------------------------ patch boxes

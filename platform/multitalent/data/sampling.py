@@ -20,9 +20,9 @@ Pure numpy; no torch.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,34 @@ T = TypeVar("T")
 DEFAULT_EXPONENT = 0.5
 DEFAULT_FG_FRACTION = 1.0 / 3.0
 KFOLD_SEED = 12345
+
+
+# ----------------------------------------------------------------------------- case references
+KEY_SEPARATOR = "__"
+
+
+def case_key(dataset_id: str, case_id: str) -> str:
+    """``<dataset_id>__<case_id>``, the WebDataset sample key (docs/contracts.md)."""
+    return f"{dataset_id}{KEY_SEPARATOR}{case_id}"
+
+
+def case_ref(entry: Any) -> tuple[str, str]:
+    """``(dataset_id, case_id)`` of a manifest entry, ``CaseRecord``, ``(dataset, case)`` pair or key."""
+    if isinstance(entry, str):
+        dataset_id, sep, case_id = entry.partition(KEY_SEPARATOR)
+        if not sep or not dataset_id or not case_id:
+            raise ValueError(f"case key {entry!r} is not '<dataset_id>__<case_id>'")
+        return dataset_id, case_id
+    if isinstance(entry, tuple) and len(entry) == 2:
+        return str(entry[0]), str(entry[1])
+    if isinstance(entry, Mapping):
+        try:
+            return str(entry["dataset_id"]), str(entry["case_id"])
+        except KeyError as e:
+            raise ValueError(f"manifest entry {dict(entry)!r} lacks {e.args[0]!r}") from None
+    if hasattr(entry, "dataset_id") and hasattr(entry, "case_id"):
+        return str(entry.dataset_id), str(entry.case_id)
+    raise TypeError(f"cannot read a case reference from {type(entry).__name__}: {entry!r}")
 
 
 # ----------------------------------------------------------------------------- case probabilities
@@ -262,6 +290,18 @@ def split_keys(
         train += [(d, c) for c in tr]
         val += [(d, c) for c in va]
     return train, val
+
+
+def split_cases(
+    cases: Sequence[T], fold: int | None, *, n_splits: int = 5, seed: int = KFOLD_SEED
+) -> tuple[list[T], list[T]]:
+    """:func:`split_keys` over case entries (manifest records, dicts, pairs or keys), returning the
+    entries themselves: ``(train, val)``, each sorted by (dataset_id, case_id)."""
+    by_ref = {case_ref(c): c for c in cases}
+    if len(by_ref) != len(cases):
+        raise ValueError("split_cases: duplicate cases")
+    train, val = split_keys(list(by_ref), fold, n_splits=n_splits, seed=seed)
+    return [by_ref[k] for k in train], [by_ref[k] for k in val]
 
 
 # ----------------------------------------------------------------------------- rank/worker split

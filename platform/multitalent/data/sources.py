@@ -38,41 +38,18 @@ from multitalent.data.patches import read_patch
 from multitalent.data.sampling import (
     DEFAULT_EXPONENT,
     DEFAULT_FG_FRACTION,
+    KEY_SEPARATOR,
     PatchSampler,
+    case_key,
+    case_ref,
     draw_center,
     partition,
     stream_patch_counts,
     stream_rngs,
 )
 
-KEY_SEPARATOR = "__"
-
 
 # ----------------------------------------------------------------------------- shared helpers
-def case_key(dataset_id: str, case_id: str) -> str:
-    """``<dataset_id>__<case_id>``, the WebDataset sample key (docs/contracts.md)."""
-    return f"{dataset_id}{KEY_SEPARATOR}{case_id}"
-
-
-def case_ref(entry: Any) -> tuple[str, str]:
-    """``(dataset_id, case_id)`` of a manifest entry, ``CaseRecord``, ``(dataset, case)`` pair or key."""
-    if isinstance(entry, str):
-        dataset_id, sep, case_id = entry.partition(KEY_SEPARATOR)
-        if not sep or not dataset_id or not case_id:
-            raise ValueError(f"case key {entry!r} is not '<dataset_id>__<case_id>'")
-        return dataset_id, case_id
-    if isinstance(entry, tuple) and len(entry) == 2:
-        return str(entry[0]), str(entry[1])
-    if isinstance(entry, Mapping):
-        try:
-            return str(entry["dataset_id"]), str(entry["case_id"])
-        except KeyError as e:
-            raise ValueError(f"manifest entry {dict(entry)!r} lacks {e.args[0]!r}") from None
-    if hasattr(entry, "dataset_id") and hasattr(entry, "case_id"):
-        return str(entry.dataset_id), str(entry.case_id)
-    raise TypeError(f"cannot read a case reference from {type(entry).__name__}: {entry!r}")
-
-
 def _zarr_relpath(entry: Any, dataset_id: str, case_id: str) -> str:
     path = entry.get("zarr_path") if isinstance(entry, Mapping) else getattr(entry, "zarr_path", None)
     return str(path) if path else f"zarr/{dataset_id}/{case_id}.zarr"
