@@ -1,0 +1,85 @@
+"""Reading one NIfTI file eagerly, turning every way it can be broken into a :class:`CaseError`."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from multitalent.rawio.cases import CaseError
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _gzip_fault(path: Path) -> str | None:
+    """Why a gzip file does not decompress, or ``None`` when the whole stream reads cleanly."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except EOFError:
+        return "truncated file: the compressed stream ends early"
+    except (OSError, zlib.error) as e:
+        return f"truncated or corrupt file: {e}"
+    return None
+
+
+def _format_fault(path: Path, error: Exception) -> str:
+    """The reason behind a header that nibabel could not read."""
+    size = path.stat().st_size
+    if size == 0:
+        return "not a NIfTI file: empty (0 bytes)"
+    with path.open("rb") as f:
+        head = f.read(16)
+    if path.name.endswith(".gz"):
+        if not head.startswith(GZIP_MAGIC):
+            return f"not a NIfTI file: named .gz but not gzip-compressed (starts with {head[:8]!r})"
+        fault = _gzip_fault(path)
+        if fault is not None:
+            return fault
+    return f"not a NIfTI file ({error})"
+
+
+def read_volume(path: Path, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3-D NIfTI volume eagerly.
+
+    Returns ``(array_ijk, affine)``: the voxel array in stored order with the header's scaling
+    applied (dtype as nibabel gives it) and the 4x4 float64 affine. A 4th or higher axis is
+    squeezed only when all trailing axes are singleton.
+
+    Raises:
+        CaseError: missing file, not NIfTI, truncated/corrupt data, or not 3-D. ``what`` names the
+            role of the file in the message ("image", "label", "mask 'liver'").
+    """
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CaseError(path, f"missing {what} file")
+    try:
+        img = nib.load(path)
+    except (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError) as e:
+        raise CaseError(path, _format_fault(path, e)) from None
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise CaseError(path, f"not a NIfTI file (nibabel reads it as {type(img).__name__})")
+
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3:
+        raise CaseError(path, f"{len(shape)}-D {what} of shape {shape}; expected 3-D")
+    if len(shape) > 3 and any(s != 1 for s in shape[3:]):
+        raise CaseError(
+            path,
+            f"{len(shape)}-D {what} of shape {shape}; expected 3-D "
+            "(only singleton axes after the third are accepted)",
+        )
+    try:
+        array = np.asarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as e:
+        if isinstance(e, EOFError):
+            raise CaseError(path, "truncated file: the compressed stream ends early") from None
+        raise CaseError(path, f"truncated or corrupt file: {e}") from None
+    return array.reshape(shape[:3]), np.asarray(img.affine, dtype=np.float64)
