@@ -225,6 +225,10 @@ def test_read_patch_matches_padded_numpy_for_zarr_and_numpy(tmp_path):
             got = read_patch(arr, center, patch, pad_value=-7)
             assert got.dtype == np.int16 and got.shape == patch
             np.testing.assert_array_equal(got, ref)
+    # an unpadded patch of a numpy volume is a copy, never a view
+    inner = read_patch(vol, (4, 6, 5), (4, 4, 4))
+    inner[...] = 0
+    assert vol[2:6, 4:8, 3:7].any()
     # a transform applies to the volume voxels only; padding keeps the pad value exactly
     got = read_patch(vol, (0, 0, 0), patch, pad_value=0.0, dtype=np.float32, transform=lambda r: r + 0.5)
     assert got.dtype == np.float32 and got[0, 0, 0] == 0.0 and got[3, 4, 8] == vol[0, 0, 0] + 0.5

@@ -36,7 +36,8 @@ class Normalization:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Float32 normalised copy of ``image`` (any shape, any numeric dtype)."""
-        x = np.clip(image.astype(np.float32, copy=False), self.clip_lo, self.clip_hi)
+        x = image.astype(np.float32)  # always a copy, so the in-place steps below are safe
+        np.clip(x, self.clip_lo, self.clip_hi, out=x)
         x -= np.float32(self.mean)
         x *= np.float32(1.0 / self.std)
         return x

@@ -31,10 +31,6 @@ class CropBox:
     def is_empty(self) -> bool:
         return any(s.stop <= s.start for s in self.source)
 
-    @property
-    def needs_padding(self) -> bool:
-        return any(s.start > 0 for s in self.dest) or self.is_empty
-
 
 def crop_box(center_zyx: Sequence[int], patch_zyx: Sequence[int], shape_zyx: Sequence[int]) -> CropBox:
     """The in-volume part of the patch centred at ``center_zyx``, and where it lands in the patch."""
@@ -80,7 +76,11 @@ def read_patch(
     out_dtype = (
         np.dtype(dtype) if dtype is not None else (region.dtype if region is not None else array.dtype)
     )
-    out = np.full(tuple(int(p) for p in patch_zyx), pad_value, dtype=out_dtype)
+    patch = tuple(int(p) for p in patch_zyx)
+    if region is not None and region.shape == patch:  # nothing to pad: skip the extra copy
+        fresh = transform is not None or not isinstance(array, np.ndarray)  # else region views the input
+        return region.astype(out_dtype, copy=not fresh)
+    out = np.full(patch, pad_value, dtype=out_dtype)
     if region is not None:
         out[box.dest] = region
     return out
