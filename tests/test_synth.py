@@ -131,7 +131,7 @@ def test_conflicting_protocols_for_heart_and_aorta(loaded: dict[str, list]) -> N
     # P04 labels the aorta below the diaphragm only, P05 the whole aorta
     p04 = loaded["P04"][0]
     p05 = loaded["P05"][0]
-    assert _world_z(p04.affine, p04.label == 6).max() < 12
+    assert _world_z(p04.affine, p04.label == 6).max() < 20  # diaphragm at z = 4 +- a few mm
     assert _world_z(p05.affine, p05.label == 4).max() > 30
     # P06's heart class covers the aortic root (raw 2), which P05 calls aorta
     p06 = loaded["P06"][0]

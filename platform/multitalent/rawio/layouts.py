@@ -152,8 +152,6 @@ def _kits19(root: Path, dataset: DatasetSpec) -> list[RawCase]:
     folders = sorted(root.glob("case_*"))
     if not folders and (root / "data").is_dir():  # the kits19 git repository keeps cases in data/
         folders = sorted((root / "data").glob("case_*"))
-    if not folders and not root.is_dir():
-        raise CaseError(root, "missing folder")
     cases = []
     for folder in folders:
         if not folder.is_dir():

@@ -190,7 +190,7 @@ def sample_anatomy(rng: np.random.Generator, *, force_tumours: bool = False) -> 
         Tissue.KIDNEY_RIGHT: _blob(rng, at(15, -11, -26), (5.5, 6, 10), jitter_mm=1.0),
         Tissue.KIDNEY_LEFT: _blob(rng, at(-15, -11, -26), (5.5, 6, 10), jitter_mm=1.0),
         Tissue.BLADDER: _blob(rng, at(0, 4, -46), (9, 8, 7)),
-        Tissue.HEART: _blob(rng, at(-3, 6, 20), (10, 9, 9), jitter_mm=1.0, waviness=0.04),
+        Tissue.HEART: _blob(rng, at(-3, 6, 20), (12, 10, 10.5), jitter_mm=1.0, waviness=0.04),
     }
     stomach = organs[Tissue.STOMACH]
     gas_centre = np.asarray(stomach.centre_mm) + np.array([0.0, 0.5, 0.55]) * np.asarray(stomach.semi_axes_mm)

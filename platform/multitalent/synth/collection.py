@@ -151,8 +151,9 @@ def write_phantom_collection(out: Path, *, seed: int = 0, scale: float = 1.0) ->
     """Write every dataset of the ``phantom`` preset to ``out/<dataset.location>/``.
 
     ``scale`` multiplies each dataset's ``num_cases`` (at least one case each). The same seed gives
-    the same bytes. Returns a JSON-able summary per dataset id: layout, folder, case ids, spacing
-    range (x, y, z mm), orientation, HU offset.
+    the same bytes. Files already in those folders are overwritten or kept, never deleted: write
+    into an empty ``out`` for a clean collection. Returns a JSON-able summary per dataset id:
+    layout, folder, case ids, spacing range (x, y, z mm), orientation, HU offset, classes.
     """
     out = Path(out)
     catalog = phantom_catalog()
