@@ -1,0 +1,102 @@
+"""Per-(sample, class) voxel sums of the partial-label loss, computed in chunks with a hand-written backward.
+
+Autograd through the plain expressions would keep the masked logits, ``sigmoid(x)`` and the float targets
+alive until the backward pass (three extra copies of the (B, K, z, y, x) logits, ~1.2 GB each at the
+reference patch with 47 classes) and materialise several more transients at once. Here the forward keeps
+nothing but references to its inputs, and both passes work on chunks of rows, so the loss costs about one
+logits-sized gradient plus small chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Elements per chunk: 2**25 float32 values = 128 MiB per transient.
+DEFAULT_CHUNK_ELEMENTS = 2**25
+
+
+class _VoxelSums(torch.autograd.Function):
+    """``sums_r3 = [sum_v p*y, sum_v p, sum_v bce(x, y)]`` per row ``r = (b, k)``, with
+    ``p = sigmoid(x)`` and ``x`` replaced by 0 in rows where ``a_r`` is False (so those rows get an
+    exactly zero gradient, whatever their logits hold). ``aux_r4 = [sum_v y, tp_hard, sum_v (x > 0),
+    0]`` is not differentiable (hard counts are zero unless requested)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_rn: Tensor,
+        y_rn: Tensor,
+        a_r: Tensor,
+        compute_dtype: torch.dtype,
+        rows_per_chunk: int,
+        hard: bool,
+    ) -> tuple[Tensor, Tensor]:
+        n_rows = x_rn.shape[0]
+        sums = x_rn.new_zeros((n_rows, 3), dtype=compute_dtype)
+        aux = x_rn.new_zeros((n_rows, 4), dtype=compute_dtype)
+        for s in range(0, n_rows, rows_per_chunk):
+            e = min(n_rows, s + rows_per_chunk)
+            x, y = _chunk(x_rn, y_rn, a_r, s, e, compute_dtype)
+            p = torch.sigmoid(x)
+            sums[s:e, 0] = (p * y).sum(1)
+            sums[s:e, 1] = p.sum(1)
+            sums[s:e, 2] = F.binary_cross_entropy_with_logits(x, y, reduction="none").sum(1)
+            aux[s:e, 0] = y.sum(1)
+            if hard:
+                pred = x > 0
+                aux[s:e, 1] = (pred & (y > 0.5)).sum(1).to(compute_dtype)
+                aux[s:e, 2] = pred.sum(1).to(compute_dtype)
+        ctx.save_for_backward(x_rn, y_rn, a_r)
+        ctx.compute_dtype = compute_dtype
+        ctx.rows_per_chunk = rows_per_chunk
+        ctx.mark_non_differentiable(aux)
+        return sums, aux
+
+    @staticmethod
+    def backward(ctx: Any, g_sums: Tensor, g_aux: Tensor) -> tuple[Tensor | None, ...]:
+        x_rn, y_rn, a_r = ctx.saved_tensors
+        cd, rows = ctx.compute_dtype, ctx.rows_per_chunk
+        grad = torch.empty_like(x_rn)
+        g = g_sums.to(cd)
+        for s in range(0, x_rn.shape[0], rows):
+            e = min(x_rn.shape[0], s + rows)
+            x, y = _chunk(x_rn, y_rn, a_r, s, e, cd)
+            p = torch.sigmoid(x)
+            g_tp, g_sp, g_bce = g[s:e, 0:1], g[s:e, 1:2], g[s:e, 2:3]
+            # d(p y)/dx = y p (1-p), dp/dx = p (1-p), d bce(x, y)/dx = p - y
+            gx = p * (1 - p) * (g_tp * y + g_sp) + g_bce * (p - y)
+            grad[s:e] = torch.where(a_r[s:e, None], gx, 0.0).to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def _chunk(
+    x_rn: Tensor, y_rn: Tensor, a_r: Tensor, s: int, e: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    # Non-annotated logits are replaced before any arithmetic, so NaN/Inf there cannot leak anywhere.
+    x = torch.where(a_r[s:e, None], x_rn[s:e].to(dtype), 0.0)
+    return x, y_rn[s:e].to(dtype)
+
+
+def voxel_sums(
+    logits_bkzyx: Tensor,
+    target_bkzyx: Tensor,
+    annotated_bk: Tensor,
+    *,
+    hard: bool,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """Per-(b, k) sums over the voxels: ``(sums_bk3, aux_bk4)`` (see :class:`_VoxelSums`).
+
+    Computed in float32 (float64 for float64 logits); ``sums`` is differentiable w.r.t. the logits.
+    """
+    b, k = logits_bkzyx.shape[:2]
+    compute_dtype = torch.float64 if logits_bkzyx.dtype == torch.float64 else torch.float32
+    x_rn = logits_bkzyx.reshape(b * k, -1)
+    y_rn = target_bkzyx.reshape(b * k, -1)
+    rows = max(1, chunk_elements // max(1, x_rn.shape[1]))
+    sums, aux = _VoxelSums.apply(x_rn, y_rn, annotated_bk.reshape(b * k), compute_dtype, rows, hard)
+    return sums.reshape(b, k, 3), aux.reshape(b, k, 4)
