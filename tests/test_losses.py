@@ -135,7 +135,9 @@ def test_gradient_matches_finite_differences(dice, chunk):
     logits, target, annotated = _case(7, b=2, k=3, spatial=(2, 2, 1))
     logits.requires_grad_(True)
     fn = PartialLabelLoss(dice=dice, chunk_elements=chunk)
-    assert torch.autograd.gradcheck(lambda x: fn(x, target, annotated)[0], (logits,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda x: fn(x, target, annotated)[0], (logits,), eps=1e-6, atol=1e-8, rtol=1e-6
+    )
 
 
 def test_non_annotated_entries_give_exactly_zero_loss_and_gradient_even_if_nan():

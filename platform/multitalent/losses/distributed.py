@@ -26,6 +26,9 @@ def all_reduce_sum(group: Any = None) -> Callable[[Tensor], Tensor]:
     pg: Any = dist.group.WORLD if group is None else group
 
     def reduce(t: Tensor) -> Tensor:
-        return fc.wait_tensor(fc.all_reduce(t, "sum", pg))
+        out = fc.wait_tensor(fc.all_reduce(t, "sum", pg))
+        if t.requires_grad and not out.requires_grad:
+            raise RuntimeError("all_reduce_sum: this torch's all_reduce is not differentiable")
+        return out
 
     return reduce

@@ -15,6 +15,13 @@ sample ``b``'s source dataset annotates global class ``k``, ``N_b`` voxels per s
 Classes are summed, not averaged, so the gradient reaching one head does not depend on how many other
 classes its dataset (or the batch) has; gradient clipping absorbs the larger magnitude. A class with
 ``n_k = 0`` contributes exactly 0 to the loss and exactly 0 to the gradient.
+
+A class annotated but absent (``sum y = 0`` over its annotated samples): ``tp = fn = 0``, so Dice = 0
+and ``dDice/dp_v = (2 y_v D - 2 tp) / D^2 = 0`` for every voxel (``D = 2tp + fp + fn``; also 0 where the
+``eps`` clamp is active): no Dice gradient, while BCE still pushes its false positives down with
+``(p - 0) / I``. In batch mode a sample without the class whose batch-mate has it *does* get a Dice
+gradient (``-2 tp / D^2`` per unit of ``p``) -- that is what pooling the batch means. In sample mode such
+a sample has Dice 0 with no gradient but still counts in ``n_k`` (as in the reference code).
 """
 
 from __future__ import annotations
@@ -96,7 +103,10 @@ class PartialLabelLoss(nn.Module):
         self.chunk_elements = int(chunk_elements)
 
     def extra_repr(self) -> str:
-        return f"dice={self.dice!r}, eps={self.eps}, hard_metrics={self.hard_metrics}"
+        return (
+            f"dice={self.dice!r}, eps={self.eps}, hard_metrics={self.hard_metrics}, "
+            f"chunk_elements={self.chunk_elements}"
+        )
 
     def forward(
         self,
