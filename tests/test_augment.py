@@ -21,7 +21,7 @@ from multitalent.data.augment import (
     read_shape_zyx,
     sample_params,
 )
-from multitalent.data.augment_intensity import gaussian_kernels
+from multitalent.data.augment_intensity import _std_mean, gaussian_kernels
 from multitalent.data.preview import render_grid, run
 
 ALL_ON = AugmentConfig(
@@ -132,6 +132,22 @@ def test_scaling_zooms_about_the_centre():
     profile = out_img[0, 0, :, 8, 8]
     assert torch.allclose(profile[4:13], torch.arange(0.0, 17.0, 2.0), atol=1e-4)
     assert profile[0] == 0 and profile[-1] == 0  # outside the input: zero padding
+
+
+@pytest.mark.parametrize("scale", [0.77, 1.31])
+def test_scaling_without_rotation_matches_the_grid_path(scale):
+    image, label = _batch(b=1, c=2, shape=(13, 16, 18), labels=6)
+    separable = AugmentParams.identity(1, 2)
+    separable.scale_b[0], separable.scale_factor_b[0] = True, scale
+    separable.mirror_b3[0] = torch.tensor([False, True, True])
+    gridded = AugmentParams.identity(1, 2)
+    gridded.scale_b[0], gridded.scale_factor_b[0] = True, scale
+    gridded.mirror_b3[0] = torch.tensor([False, True, True])
+    gridded.rotate_b[0] = True  # zero angles: same affine through grid_sample
+    a_img, a_lab = _augment(image, label, separable, out_shape_zyx=(9, 12, 11))
+    b_img, b_lab = _augment(image, label, gridded, out_shape_zyx=(9, 12, 11))
+    assert torch.allclose(a_img, b_img, atol=1e-5)
+    assert torch.equal(a_lab, b_lab)
 
 
 def test_mixed_batch_resamples_only_transformed_samples():
@@ -249,6 +265,15 @@ def test_blur_smooths_selected_channels_and_keeps_a_constant():
     assert torch.allclose(out_img[1, 1], torch.full_like(out_img[1, 1], 3.0), atol=1e-5)
     kernels = gaussian_kernels(torch.tensor([0.5, 1.0]), 3)
     assert torch.allclose(kernels.sum(1), torch.ones(2)) and torch.equal(kernels, kernels.flip(1))
+
+
+def test_fast_std_mean_matches_torch():
+    flat = (torch.randn((3, 2, 5000), generator=_gen(2)) * torch.tensor([0.1, 3.0])[:, None] + 2.0).float()
+    std, mean = _std_mean(flat)
+    ref_std, ref_mean = torch.std_mean(flat, dim=-1)
+    assert torch.allclose(mean, ref_mean, atol=1e-5) and torch.allclose(std, ref_std, rtol=1e-4)
+    std0, _ = _std_mean(torch.full((1, 1, 100), 0.0))
+    assert float(std0) == 0.0
 
 
 def test_lowres_and_noise_change_only_selected_volumes():

@@ -16,7 +16,8 @@ deformation, as MultiTalent's reference):
    the centre of the (larger) input patch; mirroring on each axis with p 0.5 is folded into the same
    affine (nnU-Net mirrors last; every intensity transform here is mirror-equivariant, so the
    distribution is the same). Image trilinear, labels nearest; outside the input: image 0, label 0.
-   Samples without rotation or scaling are cropped and flipped, never resampled (exact copies).
+   Rotated samples share one ``grid_sample`` call; scaled-only samples use the equivalent separable
+   1-D interpolation (much cheaper); the others are cropped and flipped, never resampled (exact).
 2. Gaussian noise, p 0.1, std ~ U(0, 0.1) shared by the channels (nnU-Net calls it "variance" but uses
    it as the standard deviation).
 3. Gaussian blur, p 0.2, then each channel p 0.5, σ ~ U(0.5, 1) drawn per channel and per axis,
