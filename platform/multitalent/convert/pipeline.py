@@ -14,6 +14,7 @@ No pass leaves a partial file visible: every file is written to a temporary name
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -87,29 +88,28 @@ def _run_tasks(
 
 
 def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> Any:
-    from multitalent.preprocess import IntensityStats, Plan
+    from multitalent.preprocess import IntensityStats, Normalization, Plan
 
     norm = job.preprocess.normalization
     if norm.source == "fixed":
         assert norm.clip is not None and norm.mean is not None and norm.std is not None
-        stats = IntensityStats(clip_low=norm.clip[0], clip_high=norm.clip[1], mean=norm.mean, std=norm.std)
+        normalization = Normalization(clip=(norm.clip[0], norm.clip[1]), mean=norm.mean, std=norm.std)
     else:
         if not samples:
             raise RuntimeError("no valid case to compute the collection's intensity statistics from")
-        stats = IntensityStats.from_samples(samples)
-    return Plan.create(
-        catalog=catalog,
-        target_spacing_zyx_mm=tuple(job.preprocess.target_spacing_zyx_mm),
-        stats=stats,
-        stats_source=norm.source,
-        anisotropy_threshold=job.preprocess.anisotropy_threshold,
+        normalization = Normalization.from_stats(IntensityStats.from_samples(samples))
+    plan = Plan.for_catalog(
+        catalog,
+        normalization=normalization,
+        target_spacing_zyx_mm=job.preprocess.target_spacing_zyx_mm,
         fg_locations_per_class=job.preprocess.fg_locations_per_class,
     )
+    return dataclasses.replace(plan, anisotropy_threshold=job.preprocess.anisotropy_threshold)
 
 
 def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print) -> ConvertSummary:
     from multitalent.raycluster import ray_session
-    from multitalent.shards import CaseRecord, write_manifest, write_shards
+    from multitalent.shards import CaseRecord, remove_temp_entries, write_manifest, write_shards
 
     catalog = _selected_catalog(job)
     raw_root, out = Path(job.raw_root), Path(job.out)
@@ -122,6 +122,9 @@ def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable
     cache = out / ".work" / "samples"
     cache.mkdir(parents=True, exist_ok=True)
 
+    # Leftovers of an interrupted run; no writer of ours runs on `out` now.
+    for folder in [out, cache, out / "wds", *sorted((out / "zarr").glob("*"))]:
+        remove_temp_entries(folder)
     summary = ConvertSummary(out=out)
     cases, summary.failures = _discover(catalog, raw_root)
     log(f"{len(cases)} cases in {len(catalog.datasets)} datasets under {raw_root}")
@@ -144,8 +147,8 @@ def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable
             valid = [c for c in cases if (c.dataset_id, c.case_id) not in bad]
         plan = _make_plan(job, catalog, samples)
         _atomic_write_text(out / "plan.json", plan.to_json())
-        log(f"plan {plan.sha256[:12]}: clip {plan.normalization['clip']}, "
-            f"mean {plan.normalization['mean']:.2f}, std {plan.normalization['std']:.2f}")
+        n = plan.normalization
+        log(f"plan {plan.sha256[:12]}: clip [{n.clip[0]:.0f}, {n.clip[1]:.0f}] HU, mean {n.mean:.2f}, std {n.std:.2f}")
 
         results = _run_tasks(
             ray, _convert, [(c, by_id[c.dataset_id]) for c in valid], cpus=cpus, desc="convert",

@@ -7,6 +7,7 @@ Each returns a small JSON-able dict, never raises for bad input: a ``CaseError``
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,8 @@ def scan_case(case: Any, dataset: DatasetSpec, *, samples: int, cache_dir: str) 
         loaded = load_case(case, dataset)
     except CaseError as e:
         return _failed(case, e.path, e.reason)
-    sample = foreground_intensity_sample(loaded.image, loaded.label, n=samples, seed=_seed(key))
-    tmp = cached.with_name(f".tmp-{cached.name}")
+    sample = foreground_intensity_sample(loaded.image, loaded.label, n=samples, seed=key)
+    tmp = cached.with_name(f".tmp-{cached.stem}-{os.getpid()}.npy")
     np.save(tmp, sample)
     tmp.replace(cached)
     return {
@@ -86,7 +87,7 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256
     except CaseError as e:
         return _failed(case, e.path, e.reason)
     plan = Plan.from_json(plan_json)
-    key = f"{case.dataset_id}__{case.case_id}"
+    key = f"{case.dataset_id}/{case.case_id}"
     pre = preprocess_case(
         loaded.image, loaded.label, loaded.affine, plan=plan, dataset=dataset, seed_key=key
     )
@@ -99,6 +100,3 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256
     )
     return {"status": "converted", "record": record.to_dict(), "warnings": list(loaded.warnings)}
 
-
-def _seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
