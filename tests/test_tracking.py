@@ -2,7 +2,7 @@
 
 The outage test serves MLflow's own server app (``mlflow.server.fastapi_app``, what ``mlflow
 server`` runs under uvicorn) from a thread of the test process, because starting ``mlflow server``
-as a subprocess took 26-52 s on the shared 2-core test machine. Stopping it closes the socket, so
+as a subprocess took 15-52 s (first start, by load) on the shared 2-core test machine. Stopping it closes the socket, so
 the client sees the same connection-refused outage as with a dead server process.
 """
 

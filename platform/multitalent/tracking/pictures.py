@@ -65,26 +65,33 @@ def _binary(x: Any) -> np.ndarray:
 
 
 def pick_slices(target_kzyx: np.ndarray, pred_kzyx: np.ndarray, n: int) -> list[int]:
-    """Up to ``n`` axial indices, ascending: most ground-truth foreground first, spread apart.
+    """Up to ``n`` axial indices, ascending, where the ground truth has most foreground.
 
+    Each class's area is measured relative to its own largest cross-section, so a small tumour
+    counts as much as the liver it sits in, and a class already shown counts a quarter: the picks
+    tend to cover every class. Picks keep a minimum distance (neighbouring slices look alike).
     Falls back to the prediction, then to evenly spaced slices, when the case has no foreground.
     """
     nz = target_kzyx.shape[1]
     n = max(1, min(n, nz))
-    counts_z = target_kzyx.sum(axis=(0, 2, 3))
-    if not counts_z.any():
-        counts_z = pred_kzyx.sum(axis=(0, 2, 3))
-    if not counts_z.any():
+    area_kz = target_kzyx.sum(axis=(2, 3)).astype(np.float64)
+    if not area_kz.any():
+        area_kz = pred_kzyx.sum(axis=(2, 3)).astype(np.float64)
+    if not area_kz.any():
         return sorted({round(v) for v in np.linspace(0, nz - 1, n + 2)[1:-1]})
-    candidates = np.flatnonzero(counts_z)
-    # Neighbouring slices look alike: keep picks at least this far apart when the extent allows.
+    area_kz /= np.maximum(area_kz.max(axis=1, keepdims=True), 1.0)
+    candidates = np.flatnonzero(area_kz.any(axis=0))
     min_gap = max(1, (candidates[-1] - candidates[0] + 1) // (2 * n))
+    weight_k = np.ones(area_kz.shape[0])
     chosen: list[int] = []
-    for z in sorted(candidates, key=lambda z: (-counts_z[z], z)):
-        if all(abs(int(z) - c) >= min_gap for c in chosen):
-            chosen.append(int(z))
-        if len(chosen) == n:
+    while len(chosen) < n:
+        allowed = [int(z) for z in candidates if all(abs(int(z) - c) >= min_gap for c in chosen)]
+        if not allowed:
             break
+        score_z = weight_k @ area_kz[:, allowed]
+        z = allowed[int(np.argmax(score_z))]  # ties: the lowest z
+        chosen.append(z)
+        weight_k[area_kz[:, z] > 0] = 0.25
     return sorted(chosen)
 
 
