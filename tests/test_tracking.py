@@ -2,8 +2,8 @@
 
 The outage test serves MLflow's own server app (``mlflow.server.fastapi_app``, what ``mlflow
 server`` runs under uvicorn) from a thread of the test process, because starting ``mlflow server``
-as a subprocess took 15-52 s (first start, by load) on the shared 2-core test machine. Stopping it closes the socket, so
-the client sees the same connection-refused outage as with a dead server process.
+as a subprocess took 15-52 s (depending on load) on the shared 2-core test machine. Stopping it
+closes the socket, so the client sees the same connection-refused outage as a dead server.
 """
 
 from __future__ import annotations
