@@ -181,7 +181,7 @@ def test_verify_detects_corrupt_chunk(tmp_path: Path) -> None:
     chunk = _chunk_files(store, "image")[3]
     chunk.write_bytes(b"\x00garbage" + chunk.read_bytes()[8:])
     assert verify_case_zarr(store) is None
-    with pytest.raises(ShardError, match="unreadable chunk|digest"):
+    with pytest.raises(ShardError, match="unreadable chunk"):
         check_case_zarr(store)
 
 
@@ -350,7 +350,7 @@ def test_manifest_deterministic_and_round_trip(tmp_path: Path) -> None:
     m = load_manifest(tmp_path)
     assert list(m.cases) == sorted(records, key=lambda r: (r.dataset_id, r.case_id))
     assert list(m.shards) == shards and m.plan_sha256 == "p" * 64 and m.catalog_hash == "c1"
-    assert {k: v for k, v in m.shard_of.items()} == {k: s.name for s in shards for k in s.keys}
+    assert dict(m.shard_of) == {k: s.name for s in shards for k in s.keys}
 
 
 def test_manifest_rejects_inconsistent_input(tmp_path: Path) -> None:
@@ -366,3 +366,35 @@ def test_manifest_rejects_inconsistent_input(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"format_version": 1}')
     with pytest.raises(ShardError, match="malformed"):
         load_manifest(tmp_path / "manifest.json")
+
+
+def test_fsspec_urls_for_shards_manifest_and_zarr(tmp_path: Path) -> None:
+    import importlib
+
+    import fsspec
+    import webdataset as wds
+
+    from multitalent.shards import enable_fsspec_urls
+
+    records = _write_cases(tmp_path, 3)
+    shards = write_shards(tmp_path, records, max_cases_per_shard=2, max_shard_bytes=None)
+    write_manifest(tmp_path, records, shards, plan_sha256="p", catalog_hash="c")
+    mem = fsspec.filesystem("memory")
+    remote = f"/{tmp_path.name}"
+    mem.put(str(tmp_path), remote, recursive=True)
+    gopen = importlib.import_module("webdataset.gopen")
+    saved = dict(gopen.gopen_schemes)
+    try:
+        enable_fsspec_urls("memory")
+        urls = shard_urls(f"memory://{remote}")
+        assert [u.rsplit("/", 1)[1] for u in urls] == [s.name for s in shards]
+        keys = [s.key for s in wds.WebDataset(urls, shardshuffle=False).map(decode_wds_sample)]
+        assert keys == [k for s in shards for k in s.keys]
+        assert list(load_manifest(f"memory://{remote}").shards) == shards
+        zc = open_case_zarr(f"memory://{remote}/{records[0].zarr_path}")
+        local = open_case_zarr(tmp_path / records[0].zarr_path)
+        np.testing.assert_array_equal(zc.image[2:7, 3:15, 4:20], local.image[2:7, 3:15, 4:20])
+    finally:
+        gopen.gopen_schemes.clear()
+        gopen.gopen_schemes.update(saved)
+        mem.rm(remote, recursive=True)

@@ -326,9 +326,12 @@ def enable_fsspec_urls(*schemes: str, storage_options: Mapping[str, Any] | None 
     ``webdataset.gopen.gopen_schemes`` for each scheme (call it in every dataloader worker process
     that is not forked from the caller).
     """
-    import fsspec
-    from webdataset import gopen
+    import importlib
 
+    import fsspec
+
+    # ``webdataset.gopen`` the attribute is the function; the dispatch table lives in the module.
+    gopen = importlib.import_module("webdataset.gopen")
     opts = dict(storage_options or {})
 
     def _open(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:

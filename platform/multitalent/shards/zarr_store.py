@@ -69,11 +69,14 @@ class ZarrLayout:
     """
 
     chunks_zyx: tuple[int, int, int] = (64, 64, 64)
-    image_codec: str = "blosc:lz4:5:shuffle"
+    image_codec: str = "blosc:zstd:3:bitshuffle"
     label_codec: str = "blosc:zstd:3:bitshuffle"
     shards_zyx: tuple[int, int, int] | None = None
 
 
+# Chosen by bench/bench_shards.py (docs/benchmarks.md, "Shards"): 64³ chunks fit random
+# 96x192x192 crops as well as anisotropic chunkings do and stay good for other patch shapes;
+# blosc zstd-3 bitshuffle stores a CT 26 % smaller than lz4 for ~10 % more CPU per crop.
 DEFAULT_LAYOUT = ZarrLayout()
 
 
