@@ -398,3 +398,22 @@ def test_fsspec_urls_for_shards_manifest_and_zarr(tmp_path: Path) -> None:
         gopen.gopen_schemes.clear()
         gopen.gopen_schemes.update(saved)
         mem.rm(remote, recursive=True)
+
+
+def test_remove_temp_entries_keeps_finished_outputs(tmp_path: Path) -> None:
+    from multitalent.shards import remove_temp_entries
+
+    records = _write_cases(tmp_path, 2)
+    write_shards(tmp_path, records, max_cases_per_shard=None, max_shard_bytes=None)
+    leftovers = [
+        tmp_path / "zarr/dsA/.tmp-case01.zarr-0123abcd",
+        tmp_path / "wds/.tmp-shard-000000.tar-0123abcd",
+        tmp_path / ".tmp-manifest.json-0123abcd",
+    ]
+    (leftovers[0] / "image").mkdir(parents=True)
+    for p in leftovers[1:]:
+        p.write_bytes(b"partial")
+    assert sorted(remove_temp_entries(tmp_path)) == sorted(leftovers)
+    assert tmp_entries(tmp_path) == []
+    assert all(verify_case_zarr(tmp_path / r.zarr_path) == r for r in records)
+    assert len(shard_urls(tmp_path)) == 1

@@ -117,13 +117,20 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def remove_temp_entries(folder: Path) -> list[Path]:
-    """Delete leftover ``.tmp-*`` entries of interrupted writers directly under ``folder``.
+def remove_temp_entries(out_root: Path) -> list[Path]:
+    """Delete leftovers (``.tmp-*``) of interrupted writers in a collection: in ``out_root``,
+    ``out_root/wds`` and every ``out_root/zarr/<dataset_id>``. Returns what was removed.
 
-    Call only when no writer is running on ``folder`` (e.g. at the start of a conversion).
+    Call only when no writer is running on ``out_root`` (e.g. at the start of a conversion).
     """
+    out_root = Path(out_root)
+    folders = [out_root, out_root / "wds"]
+    if (out_root / "zarr").is_dir():
+        folders += sorted(p for p in (out_root / "zarr").iterdir() if p.is_dir())
     removed = []
-    if folder.is_dir():
+    for folder in folders:
+        if not folder.is_dir():
+            continue
         for p in sorted(folder.iterdir()):
             if p.name.startswith(TMP_PREFIX):
                 if p.is_dir():
