@@ -22,6 +22,7 @@ from multitalent.data.augment import (
     sample_params,
 )
 from multitalent.data.augment_intensity import _std_mean, gaussian_kernels
+from multitalent.data.augment_spatial import affine_grid
 from multitalent.data.preview import render_grid, run
 
 ALL_ON = AugmentConfig(
@@ -148,6 +149,13 @@ def test_scaling_without_rotation_matches_the_grid_path(scale):
     b_img, b_lab = _augment(image, label, gridded, out_shape_zyx=(9, 12, 11))
     assert torch.allclose(a_img, b_img, atol=1e-5)
     assert torch.equal(a_lab, b_lab)
+
+
+def test_separable_affine_grid_equals_torch():
+    theta = torch.randn((3, 3, 4), generator=_gen(4))
+    ours = affine_grid(theta, out_shape_zyx=(5, 6, 7))
+    ref = torch.nn.functional.affine_grid(theta, [3, 1, 5, 6, 7], align_corners=False)
+    assert torch.allclose(ours, ref, atol=1e-5)
 
 
 def test_mixed_batch_resamples_only_transformed_samples():
@@ -352,9 +360,9 @@ def test_render_grid_shape_and_overlay():
     label[5:12, 8:20] = 2
     picture = render_grid([image, image], [label, torch.zeros_like(label)], ["a", "b"], columns=2)
     zoom = -(-192 // 30)
-    assert picture.size == (2 * 30 * zoom + 2, 20 * zoom + 14)
+    assert picture.size == (2 * 30 * zoom + 2, 20 * zoom + 26)
     rgb = np.asarray(picture).astype(int)
-    left, right = rgb[14:, : 30 * zoom], rgb[14:, 30 * zoom + 2 :]
+    left, right = rgb[26:, : 30 * zoom], rgb[26:, 30 * zoom + 2 :]
     coloured = (np.abs(left[..., 0] - left[..., 1]) > 30).sum()
     assert coloured > 0.5 * 7 * 12 * zoom * zoom  # the label area is tinted
     assert (np.abs(right[..., 0] - right[..., 1]) > 30).sum() == 0  # no label, no colour
@@ -392,6 +400,6 @@ def test_preview_cli_writes_a_png(tmp_path: Path):
     assert run(args) == 0
     picture = Image.open(out)
     zoom = 192 // 16
-    assert picture.size == (2 * 16 * zoom + 2, 3 * (16 * zoom + 14) + 2 * 2)
+    assert picture.size == (2 * 16 * zoom + 2, 3 * (16 * zoom + 26) + 2 * 2)
     with pytest.raises(FileNotFoundError, match=r"plan\.json"):
         run(argparse.Namespace(shards=str(tmp_path / "missing"), out=str(out), n=1, patch="8,16,16", seed=0))

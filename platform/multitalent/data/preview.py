@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,10 @@ _PALETTE = np.array(
     dtype=np.float32,
 )
 _ALPHA = 0.45
-_TITLE_PX = 14
+_TITLE_LINES = 2
+_LINE_PX = 12
+_TITLE_PX = _TITLE_LINES * _LINE_PX + 2
+_CHAR_PX = 6  # upper bound of a character width in PIL's default font
 _MIN_PANEL_PX = 192
 
 
@@ -118,7 +122,11 @@ def render_grid(
             (panel.shape[1] * zoom, panel.shape[0] * zoom), Image.Resampling.NEAREST
         )
         canvas.paste(tile, (x0, y0 + _TITLE_PX))
-        draw.text((x0 + 2, y0 + 1), title, fill=(255, 255, 255))
+        lines = textwrap.wrap(title, width=max(8, cell_w // _CHAR_PX - 1)) or [""]
+        if len(lines) > _TITLE_LINES:
+            lines = [*lines[: _TITLE_LINES - 1], lines[_TITLE_LINES - 1][:-3] + "..."]
+        for k, line in enumerate(lines):
+            draw.text((x0 + 2, y0 + 1 + k * _LINE_PX), line, fill=(255, 255, 255))
     return canvas
 
 
