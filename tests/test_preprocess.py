@@ -127,6 +127,13 @@ def test_crop_keeps_labels_in_air_and_box_of_body():
     label_ras[0, 0, 0] = 0
     case = preprocess_case(image_ras, label_ras, affine, plan=make_plan(), dataset=LIVER, seed_key="k")
     assert case.geometry["crop_box_zyx"] == [[1, 9], [3, 10], [2, 12]]
+    # a lone noise voxel in the air does not stretch the box; two neighbours along x do
+    image_ras[13, 0, 0] = -900.0
+    case = preprocess_case(image_ras, label_ras, affine, plan=make_plan(), dataset=LIVER, seed_key="k")
+    assert case.geometry["crop_box_zyx"] == [[1, 9], [3, 10], [2, 12]]
+    image_ras[12, 0, 0] = -900.0
+    case = preprocess_case(image_ras, label_ras, affine, plan=make_plan(), dataset=LIVER, seed_key="k")
+    assert case.geometry["crop_box_zyx"] == [[0, 9], [0, 10], [2, 14]]
 
 
 def test_nifti_file_round_trip(tmp_path):

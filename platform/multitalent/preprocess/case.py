@@ -109,6 +109,10 @@ def preprocess_image(
     lo, hi = plan.normalization.clip
     image_zyx, affine_zyx, spacing_before = to_canonical_zyx(image, affine)
     label_zyx = to_canonical_zyx(label, affine)[0] if label is not None else None
+    if _x_not_fastest(image_zyx):
+        # every later pass walks (y, x) planes; one reordering copy is cheaper than strided passes
+        image_zyx = _c_order_copy(image_zyx)
+        label_zyx = None if label_zyx is None else _c_order_copy(label_zyx)
     box = body_box(image_zyx, label_zyx, air_threshold=lo)
     cropped = crop(image_zyx, box)
     shape_crop = cropped.shape
@@ -164,6 +168,24 @@ def preprocess_image(
         "affine_zyx": _resampled_affine(affine_zyx, box, shape_crop, new_shape).tolist(),
     }
     return image_out, label_out, geometry
+
+
+def _x_not_fastest(volume_zyx: np.ndarray) -> bool:
+    strides = np.abs(volume_zyx.strides)
+    return bool(strides[2] != strides.min() or strides[0] != strides.max())
+
+
+def _c_order_copy(volume_zyx: np.ndarray, tile: int = 64) -> np.ndarray:
+    """C-ordered copy in cache-sized tiles (a plain copy of a transposed view is ~1.6x slower)."""
+    out = np.empty(volume_zyx.shape, dtype=volume_zyx.dtype)
+    nz, ny, nx = volume_zyx.shape
+    for z in range(0, nz, 16):
+        for y in range(0, ny, tile):
+            for x in range(0, nx, tile):
+                out[z : z + 16, y : y + tile, x : x + tile] = volume_zyx[
+                    z : z + 16, y : y + tile, x : x + tile
+                ]
+    return out
 
 
 def _resampled_affine(

@@ -5,7 +5,8 @@ almost always the whole image and the crop does nothing. Here the box is that of
 **above the plan's lower clip bound** (everything the clipped image can distinguish from air),
 united with the box of the label's foreground so that no labelled voxel is ever cropped away.
 Outside that box the clipped image is constant (the lower bound), so nothing is lost: a reader
-that pads crops with the lower clip value sees the same image, minus cubic ringing at the box edge.
+that pads crops with the lower clip value sees the same image, minus cubic ringing at the box edge
+and isolated single voxels above the bound (noise in the air), which are ignored.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ import numpy as np
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
-def _box_of(volume_zyx: np.ndarray, threshold: float) -> list[tuple[int, int]] | None:
-    """Box of ``volume > threshold`` in one pass: per z slice, OR-ed into a (y, x) footprint."""
-    footprint_yx = np.zeros(volume_zyx.shape[1:], dtype=bool)
-    z_hit = np.zeros(volume_zyx.shape[0], dtype=bool)
-    for z in range(volume_zyx.shape[0]):
+def _box_of(volume_zyx: np.ndarray, threshold: float, *, pairs: bool) -> list[tuple[int, int]] | None:
+    """Box of ``volume > threshold`` in one pass: per z slice, OR-ed into a (y, x) footprint.
+
+    With ``pairs``, a voxel counts only when its x neighbour is above the threshold too, so that
+    isolated noise voxels in the air (a few per CT at -1000 +- 15 HU) do not stretch the box.
+    """
+    nz, ny, nx = volume_zyx.shape
+    pairs = pairs and nx > 1
+    footprint_yx = np.zeros((ny, nx - 1 if pairs else nx), dtype=bool)
+    z_hit = np.zeros(nz, dtype=bool)
+    for z in range(nz):
         above = volume_zyx[z] > threshold
+        if pairs:
+            above = above[:, 1:] & above[:, :-1]
         if above.any():
             z_hit[z] = True
             footprint_yx |= above
@@ -31,21 +40,27 @@ def _box_of(volume_zyx: np.ndarray, threshold: float) -> list[tuple[int, int]] |
         return None
     ys = np.flatnonzero(footprint_yx.any(axis=1))
     xs = np.flatnonzero(footprint_yx.any(axis=0))
-    return [(int(a[0]), int(a[-1]) + 1) for a in (zs, ys, xs)]
+    # a pair starting at x covers voxels x and x + 1
+    return [
+        (int(zs[0]), int(zs[-1]) + 1),
+        (int(ys[0]), int(ys[-1]) + 1),
+        (int(xs[0]), int(xs[-1]) + 1 + pairs),
+    ]
 
 
 def body_box(image_zyx: np.ndarray, label_zyx: np.ndarray | None, *, air_threshold: float) -> Box:
     """Bounding box ``((z0, z1), (y0, y1), (x0, x1))`` (half-open) to crop to.
 
-    The box of ``image > air_threshold``, united with the box of ``label != 0`` when a label is
-    given. When neither has any voxel, the whole volume.
+    The box of ``image > air_threshold`` (ignoring voxels without an x neighbour above the
+    threshold), united with the box of ``label != 0`` when a label is given. When neither has any
+    voxel, the whole volume.
     """
     shape = image_zyx.shape
-    box = _box_of(image_zyx, air_threshold)
+    box = _box_of(image_zyx, air_threshold, pairs=True)
     if label_zyx is not None:
         if label_zyx.shape != shape:
             raise ValueError(f"label shape {label_zyx.shape} != image shape {shape}")
-        label_box = _box_of(label_zyx, 0)
+        label_box = _box_of(label_zyx, 0, pairs=False)
         if label_box is not None:
             box = (
                 label_box
