@@ -1,0 +1,1 @@
+"""Training: the step (model + targets + partial-label loss), loop, schedules, checkpoints."""
