@@ -76,17 +76,25 @@ def check_correctness(device: torch.device, catalog) -> None:
     row("loss rel. error vs CPU fp64", f"{rel_err(out.detach(), ref.detach()):.1e}", "(fp32 on device)")
     row("loss grad rel. error", f"{rel_err(dev_x.grad, ref_x.grad):.1e}")
     mask = ~annotated[:, :, None, None, None].expand_as(dev_x)
-    row("grad on non-annotated classes", f"{float(dev_x.grad[mask.to(device)].abs().max()):.1e}", "(must be 0)")
+    row(
+        "grad on non-annotated classes",
+        f"{float(dev_x.grad[mask.to(device)].abs().max()):.1e}",
+        "(must be 0)",
+    )
     # Augmentation: same drawn parameters on CPU and device.
     image = torch.randn(2, 1, 32, 48, 48, generator=g)
     label = torch.randint(0, 4, (2, 32, 48, 48), generator=g, dtype=torch.uint8)
     cfg = AugmentConfig()
     a_cpu, l_cpu = augment_batch(image, label, config=cfg, generator=torch.Generator().manual_seed(5))
-    a_dev, l_dev = augment_batch(image.to(device), label.to(device), config=cfg,
-                                 generator=torch.Generator().manual_seed(5))
+    a_dev, l_dev = augment_batch(
+        image.to(device), label.to(device), config=cfg, generator=torch.Generator().manual_seed(5)
+    )
     row("augment image rel. error vs CPU", f"{rel_err(a_dev, a_cpu):.1e}")
-    row("augment label mismatch fraction", f"{float((l_dev.cpu() != l_cpu).float().mean()):.1e}",
-        "(nearest at rounding ties)")
+    row(
+        "augment label mismatch fraction",
+        f"{float((l_dev.cpu() != l_cpu).float().mean()):.1e}",
+        "(nearest at rounding ties)",
+    )
     # Network: tiny U-Net forward device vs CPU.
     net = build_network("unet", catalog.classes_per_dataset(), size="tiny", patch_size_zyx=(32, 64, 64))
     x = torch.randn(1, 1, 32, 64, 64, generator=g)
@@ -100,17 +108,26 @@ def bench_augment(device: torch.device, patch: tuple[int, int, int], reps: int) 
     print("== augmentation, batch 4 at", patch, flush=True)
     cfg = AugmentConfig()
     g = torch.Generator().manual_seed(0)
-    for name, shape in [("same-size input", patch), ("enlarged input (nnU-Net rule)", read_shape_zyx(patch, cfg))]:
+    for name, shape in [
+        ("same-size input", patch),
+        ("enlarged input (nnU-Net rule)", read_shape_zyx(patch, cfg)),
+    ]:
         image = torch.randn(4, 1, *shape, device=device)
         label = torch.randint(0, 5, (4, *shape), device=device, dtype=torch.uint8)
-        ms = timed(lambda image=image, label=label: augment_batch(image, label, config=cfg, generator=g,
-                                                                 out_shape_zyx=patch),
-                   device=device, warmup=3, reps=reps)
+        ms = timed(
+            lambda image=image, label=label: augment_batch(
+                image, label, config=cfg, generator=g, out_shape_zyx=patch
+            ),
+            device=device,
+            warmup=3,
+            reps=reps,
+        )
         row(f"augment batch 4, {name} {tuple(shape)}", f"{ms:.1f} ms", "(target <= 20 ms)")
 
 
-def bench_train(device: torch.device, catalog, arch: str, patch: tuple[int, int, int], batch: int, reps: int,
-                size: str) -> dict:
+def bench_train(
+    device: torch.device, catalog, arch: str, patch: tuple[int, int, int], batch: int, reps: int, size: str
+) -> dict:
     print(f"== training step {arch} ({size}), batch {batch}, patch {patch}", flush=True)
     torch.manual_seed(0)
     # Counted on a separate instance: the counter runs the network with meta tensors.
@@ -129,7 +146,7 @@ def bench_train(device: torch.device, catalog, arch: str, patch: tuple[int, int,
     with torch.no_grad():
         n_levels = len(net(image[:1]))
     objective = MultiTalentObjective(catalog, n_levels=n_levels).to(device)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
     cfg = AugmentConfig()
 
     def platform_step(augment: bool) -> Callable[[], None]:
@@ -144,6 +161,7 @@ def bench_train(device: torch.device, catalog, arch: str, patch: tuple[int, int,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
             opt.step()
+
         return step
 
     # Bare torch loop: same model and batch, plain BCE on pre-made full-resolution targets.
@@ -158,8 +176,11 @@ def bench_train(device: torch.device, catalog, arch: str, patch: tuple[int, int,
         opt.step()
 
     results = {}
-    for name, fn in [("bare torch loop", bare_step), ("platform step", platform_step(False)),
-                     ("platform step + GPU augmentation", platform_step(True))]:
+    for name, fn in [
+        ("bare torch loop", bare_step),
+        ("platform step", platform_step(False)),
+        ("platform step + GPU augmentation", platform_step(True)),
+    ]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ms = timed(fn, device=device, warmup=3, reps=reps)
@@ -172,7 +193,9 @@ def bench_train(device: torch.device, catalog, arch: str, patch: tuple[int, int,
         row(f"{arch} {name}", f"{ms:.1f} ms/step", f"peak {peak:.1f} GiB, {tflops:.0f} TFLOP/s{frac}")
     results["params_m"] = params / 1e6
     results["fwd_tflop_per_patch"] = flops / batch / 1e12
-    row(f"{arch} parameters / forward per patch", f"{params / 1e6:.1f} M", f"{flops / batch / 1e12:.2f} TFLOP")
+    row(
+        f"{arch} parameters / forward per patch", f"{params / 1e6:.1f} M", f"{flops / batch / 1e12:.2f} TFLOP"
+    )
 
     # Inference: forward of one patch, bf16, no deep supervision.
     net.eval()
@@ -186,9 +209,6 @@ def bench_train(device: torch.device, catalog, arch: str, patch: tuple[int, int,
     ms = timed(infer, device=device, warmup=3, reps=reps)
     results["infer_ms"] = ms
     row(f"{arch} inference, 1 patch bf16", f"{ms:.1f} ms", f"{1e3 / ms:.1f} patches/s")
-    del net, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return results
 
 
@@ -201,13 +221,21 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as a training run would: fixed patch shapes
-    print("torch", torch.__version__, "| device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+    print(
+        "torch",
+        torch.__version__,
+        "| device",
+        torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    )
     catalog = load_preset("multitalent13")
     check_correctness(device, catalog)
     patch = (32, 64, 64) if args.small else (96, 192, 192)
     bench_augment(device, patch, args.reps)
     size = "tiny" if args.small else "paper"
-    results = {arch: bench_train(device, catalog, arch, patch, 2, args.reps, size) for arch in ("unet", "resenc_unet")}
+    results = {
+        arch: bench_train(device, catalog, arch, patch, 2, args.reps, size)
+        for arch in ("unet", "resenc_unet")
+    }
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": ROWS, "results": results}, indent=1))
     print("\n| what | value | note |\n|---|---|---|")

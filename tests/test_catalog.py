@@ -21,8 +21,12 @@ def test_multitalent13_matches_the_paper():
     assert regions == {"01:liver", "03:pancreas", "13:kidneys"}
     assert len(cat.group_members("difficult")) == 12
     assert {cat.classes[i].key for i in cat.group_members("cancer")} == {
-        "01:liver tumour", "02:lung nodule", "03:pancreas tumour", "04:liver tumour",
-        "06:colon cancer", "13:kidney tumour",
+        "01:liver tumour",
+        "02:lung nodule",
+        "03:pancreas tumour",
+        "04:liver tumour",
+        "06:colon cancer",
+        "13:kidney tumour",
     }
 
 
@@ -38,8 +42,13 @@ def test_every_preset_is_consistent(name):
 
 def test_appending_a_dataset_never_renumbers():
     cat = load_preset("multitalent13")
-    new = DatasetSpec(id="hospital", name="Hospital", layout="nnunet_v2", labels={1: "liver", 2: "lesion"},
-                      classes=(ClassSpec("liver", (1, 2)), ClassSpec("lesion", (2,), ("cancer",))))
+    new = DatasetSpec(
+        id="hospital",
+        name="Hospital",
+        layout="nnunet_v2",
+        labels={1: "liver", 2: "lesion"},
+        classes=(ClassSpec("liver", (1, 2)), ClassSpec("lesion", (2,), ("cancer",))),
+    )
     bigger = cat.extend(new)
     assert bigger.classes[: cat.num_classes] == cat.classes
     assert bigger.num_classes == cat.num_classes + 2
@@ -112,7 +121,9 @@ def test_catalog_imports_without_torch():
 def test_catalog_show_cli():
     out = subprocess.run(
         [sys.executable, "-m", "multitalent.cli", "catalog", "show", "--preset", "multitalent13"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "13 datasets, 47 classes, 3 regions, 12 difficult, 6 cancer" in out
     assert "region {1,2}" in out

@@ -29,8 +29,11 @@ def test_extends_merges_sections(tmp_path):
 
 
 def test_overrides_are_typed_and_dotted():
-    job = load_job(JOBS / "convert.yaml", ConvertJob, ["shards.max_cases_per_shard=3", "out=/tmp/x",
-                                                     "preprocess.target_spacing_zyx_mm=[2, 2, 2]"])
+    job = load_job(
+        JOBS / "convert.yaml",
+        ConvertJob,
+        ["shards.max_cases_per_shard=3", "out=/tmp/x", "preprocess.target_spacing_zyx_mm=[2, 2, 2]"],
+    )
     assert job.shards.max_cases_per_shard == 3
     assert job.out == "/tmp/x"
     assert job.preprocess.target_spacing_zyx_mm == [2.0, 2.0, 2.0]

@@ -31,8 +31,14 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="conversion job YAML (see jobs/convert.yaml)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a job field, dotted path (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job field, dotted path (repeatable)",
+    )
 
 
 def _augment_preview_args(p: argparse.ArgumentParser) -> None:
@@ -47,10 +53,16 @@ def _augment_preview_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Configure, str]] = {
     "catalog": ("inspect label spaces", _catalog_args, "multitalent.catalog.cli:run"),
     "synth": ("write the synthetic phantom CT collection", _synth_args, "multitalent.synth.cli:run"),
-    "convert": ("raw datasets -> preprocessed Zarr + WebDataset shards", _convert_args,
-                "multitalent.convert.cli:run"),
-    "augment-preview": ("PNG grid of augmented patches with label overlays", _augment_preview_args,
-                        "multitalent.data.preview:run"),
+    "convert": (
+        "raw datasets -> preprocessed Zarr + WebDataset shards",
+        _convert_args,
+        "multitalent.convert.cli:run",
+    ),
+    "augment-preview": (
+        "PNG grid of augmented patches with label overlays",
+        _augment_preview_args,
+        "multitalent.data.preview:run",
+    ),
 }
 
 

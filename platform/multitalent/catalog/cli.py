@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
         kind = "region " if len(c.raw_values) > 1 else ""
         print(f"{c.index:4d}  {c.dataset_id:>8s}  {c.name[:34]:34s} {kind + raw:14s} {','.join(c.groups)}")
     print()
-    print(f"{len(cat.datasets)} datasets, {cat.num_classes} classes, "
-          f"{sum(len(c.raw_values) > 1 for c in cat.classes)} regions, "
-          + ", ".join(f"{len(cat.group_members(g))} {g}" for g in ("difficult", "cancer")))
+    print(
+        f"{len(cat.datasets)} datasets, {cat.num_classes} classes, "
+        f"{sum(len(c.raw_values) > 1 for c in cat.classes)} regions, "
+        + ", ".join(f"{len(cat.group_members(g))} {g}" for g in ("difficult", "cancer"))
+    )
     return 0

@@ -62,7 +62,12 @@ def _discover(catalog: Catalog, raw_root: Path) -> tuple[list[Any], list[dict[st
         root = raw_root / dataset.location
         if not root.is_dir():
             failures.append(
-                {"dataset_id": dataset.id, "case_id": "*", "file": str(root), "reason": "dataset folder missing"}
+                {
+                    "dataset_id": dataset.id,
+                    "case_id": "*",
+                    "file": str(root),
+                    "reason": "dataset folder missing",
+                }
             )
             continue
         cases.extend(discover_cases(dataset, root))
@@ -70,7 +75,12 @@ def _discover(catalog: Catalog, raw_root: Path) -> tuple[list[Any], list[dict[st
 
 
 def _run_tasks(
-    ray: Any, fn: Callable[..., dict[str, Any]], calls: Iterable[tuple[Any, ...]], *, cpus: float, desc: str,
+    ray: Any,
+    fn: Callable[..., dict[str, Any]],
+    calls: Iterable[tuple[Any, ...]],
+    *,
+    cpus: float,
+    desc: str,
     kwargs: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Run ``fn(*call, **kwargs)`` as Ray tasks with a progress bar; results in completion order."""
@@ -107,7 +117,9 @@ def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> 
     return dataclasses.replace(plan, anisotropy_threshold=job.preprocess.anisotropy_threshold)
 
 
-def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print) -> ConvertSummary:
+def run_conversion(
+    job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print
+) -> ConvertSummary:
     from multitalent.raycluster import ray_session
     from multitalent.shards import CaseRecord, remove_temp_entries, write_manifest, write_shards
 
@@ -137,7 +149,11 @@ def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable
         samples: list[np.ndarray] = []
         if job.preprocess.normalization.source == "collection":
             scanned = _run_tasks(
-                ray, _scan, calls, cpus=cpus, desc="scan",
+                ray,
+                _scan,
+                calls,
+                cpus=cpus,
+                desc="scan",
                 kwargs={"samples": job.preprocess.normalization.samples_per_case, "cache_dir": str(cache)},
             )
             scanned.sort(key=lambda r: (r["dataset_id"], r["case_id"]))
@@ -148,15 +164,22 @@ def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable
         plan = _make_plan(job, catalog, samples)
         _atomic_write_text(out / "plan.json", plan.to_json())
         n = plan.normalization
-        log(f"plan {plan.sha256[:12]}: clip [{n.clip[0]:.0f}, {n.clip[1]:.0f}] HU, mean {n.mean:.2f}, std {n.std:.2f}")
+        clip = f"[{n.clip[0]:.0f}, {n.clip[1]:.0f}]"
+        log(f"plan {plan.sha256[:12]}: clip {clip} HU, mean {n.mean:.2f}, std {n.std:.2f}")
 
         results = _run_tasks(
-            ray, _convert, [(c, by_id[c.dataset_id]) for c in valid], cpus=cpus, desc="convert",
+            ray,
+            _convert,
+            [(c, by_id[c.dataset_id]) for c in valid],
+            cpus=cpus,
+            desc="convert",
             kwargs={"plan_json": plan.to_json(), "plan_sha256": plan.sha256, "out": str(out)},
         )
     records = []
     for r in results:
-        summary.warnings += [f"{r.get('dataset_id', '')}/{r.get('case_id', '')}: {w}" for w in r.get("warnings", [])]
+        summary.warnings += [
+            f"{r.get('dataset_id', '')}/{r.get('case_id', '')}: {w}" for w in r.get("warnings", [])
+        ]
         if r["status"] == "failed":
             summary.failures.append(r)
             continue
@@ -165,13 +188,21 @@ def run_conversion(job: ConvertJob, *, address: str | None = None, log: Callable
         records.append(CaseRecord.from_dict(r["record"]))
     records.sort(key=lambda rec: (rec.dataset_id, rec.case_id))
     shards = write_shards(
-        out, records, max_cases_per_shard=job.shards.max_cases_per_shard, max_shard_bytes=job.shards.max_shard_bytes
+        out,
+        records,
+        max_cases_per_shard=job.shards.max_cases_per_shard,
+        max_shard_bytes=job.shards.max_shard_bytes,
     )
     summary.shards = len(shards)
     write_manifest(out, records, shards, plan_sha256=plan.sha256, catalog_hash=catalog.hash)
     summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
-    report = {"failures": summary.failures, "warnings": sorted(summary.warnings),
-              "converted": summary.converted, "skipped": summary.skipped, "cases": len(records)}
+    report = {
+        "failures": summary.failures,
+        "warnings": sorted(summary.warnings),
+        "converted": summary.converted,
+        "skipped": summary.skipped,
+        "cases": len(records),
+    }
     _atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return summary
 

@@ -67,7 +67,9 @@ def scan_case(case: Any, dataset: DatasetSpec, *, samples: int, cache_dir: str) 
     }
 
 
-def convert_case(case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256: str, out: str) -> dict[str, Any]:
+def convert_case(
+    case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256: str, out: str
+) -> dict[str, Any]:
     """Preprocess one case into its Zarr store, unless a verified store of the same inputs exists."""
     from multitalent.preprocess import Plan, preprocess_case
     from multitalent.rawio import CaseError, load_case
@@ -78,8 +80,10 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256
     store = zarr_case_path(out_root, case.dataset_id, case.case_id)
     if store.exists():
         record = verify_case_zarr(store)
-        if record is not None and record.meta.get("source_sha256") == digest and (
-            record.meta.get("plan_sha256") == plan_sha256
+        if (
+            record is not None
+            and record.meta.get("source_sha256") == digest
+            and (record.meta.get("plan_sha256") == plan_sha256)
         ):
             return {"status": "skipped", "record": record.to_dict()}
     try:
@@ -88,9 +92,7 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256
         return _failed(case, e.path, e.reason)
     plan = Plan.from_json(plan_json)
     key = f"{case.dataset_id}/{case.case_id}"
-    pre = preprocess_case(
-        loaded.image, loaded.label, loaded.affine, plan=plan, dataset=dataset, seed_key=key
-    )
+    pre = preprocess_case(loaded.image, loaded.label, loaded.affine, plan=plan, dataset=dataset, seed_key=key)
     record = write_case_zarr(
         out_root,
         pre,
@@ -99,4 +101,3 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256
         extra_attrs={"source_sha256": digest, "plan_sha256": plan_sha256},
     )
     return {"status": "converted", "record": record.to_dict(), "warnings": list(loaded.warnings)}
-

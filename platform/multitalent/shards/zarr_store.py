@@ -51,12 +51,19 @@ ARRAY_DTYPES = {"image": np.dtype(np.int16), "label": np.dtype(np.uint8), "fg_lo
 class CaseLike(Protocol):
     """What :func:`write_case_zarr` reads; ``multitalent.preprocess.PreprocessedCase`` fits."""
 
-    image_zyx: np.ndarray
-    label_zyx: np.ndarray
-    fg_locations: np.ndarray
-    spacing_zyx_mm: Sequence[float]
-    geometry: Mapping[str, Any]
-    classes_present: Sequence[int]
+    # Read-only properties, so that plain (mutable) dataclass fields of narrower types fit.
+    @property
+    def image_zyx(self) -> np.ndarray: ...
+    @property
+    def label_zyx(self) -> np.ndarray: ...
+    @property
+    def fg_locations(self) -> np.ndarray: ...
+    @property
+    def spacing_zyx_mm(self) -> Sequence[float]: ...
+    @property
+    def geometry(self) -> Mapping[str, Any]: ...
+    @property
+    def classes_present(self) -> Sequence[int]: ...
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,14 @@ class MultiTalentObjective(nn.Module):
 
     def __init__(self, catalog: Catalog, *, n_levels: int, dice: str = "batch") -> None:
         super().__init__()
+        self.region_lut: Tensor
         self.register_buffer("region_lut", torch.as_tensor(catalog.region_lut()), persistent=False)
         weights = deep_supervision_weights(n_levels) if n_levels > 1 else [1.0]
         self.loss = DeepSupervisionLoss(PartialLabelLoss(dice=dice), weights)  # type: ignore[arg-type]
 
-    def forward(self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None) -> tuple[Tensor, dict]:
+    def forward(
+        self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
+    ) -> tuple[Tensor, dict]:
         outputs = net(inputs.image_bczyx)
         levels = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
         labels = downsample_labels(inputs.label_bzyx, [o.shape[2:] for o in levels])
