@@ -1,0 +1,33 @@
+"""Backbones with per-dataset groups of sigmoid heads (one output channel per global class).
+
+``build_network(arch, heads, size=...)`` gives a :class:`MultiTalentNet`. torch is imported here; the backbone
+libraries (dynamic_network_architectures, MONAI) only when a network is built.
+"""
+
+from multitalent.models.backbones import Backbone
+from multitalent.models.flops import FlopCount, count_forward_macs
+from multitalent.models.heads import HeadGroups
+from multitalent.models.network import MultiTalentNet
+from multitalent.models.registry import (
+    PAPER_PATCH_SIZE_ZYX,
+    PAPER_SPACING_ZYX_MM,
+    available_architectures,
+    build_network,
+    register_architecture,
+)
+from multitalent.models.topology import UNetTopology, plan_unet_topology
+
+__all__ = [
+    "PAPER_PATCH_SIZE_ZYX",
+    "PAPER_SPACING_ZYX_MM",
+    "Backbone",
+    "FlopCount",
+    "HeadGroups",
+    "MultiTalentNet",
+    "UNetTopology",
+    "available_architectures",
+    "build_network",
+    "count_forward_macs",
+    "plan_unet_topology",
+    "register_architecture",
+]
