@@ -196,12 +196,10 @@ def main() -> None:
     cpu = subprocess.run(
         ["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True
     ).stdout
-    print(
-        f"\n{time.strftime('%Y-%m-%d')} | {cpu.strip()} | python {platform.python_version()} | torch {torch.__version__}"
-    )
-    print(
-        f"{args.cases} cases {shape}, {args.labels} labels; batch 4 of {PATCH} read as {read}; {args.rounds} rounds\n"
-    )
+    versions = f"python {platform.python_version()} | torch {torch.__version__}"
+    print(f"\n{time.strftime('%Y-%m-%d')} | {cpu.strip()} | {versions}")
+    setup = f"batch 4 of {PATCH} read as {read}; {args.rounds} rounds"
+    print(f"{args.cases} cases {shape}, {args.labels} labels; {setup}\n")
     print("| pipeline | samples / CPU-s | samples / s (wall) |\n|---|---|---|")
     for name, (wall, cpu_s) in timed.items():
         print(f"| {name} | {n / cpu_s:.2f} | {n / wall:.2f} |")
