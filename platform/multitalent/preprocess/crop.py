@@ -19,33 +19,33 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 def _box_of(volume_zyx: np.ndarray, threshold: float, *, pairs: bool) -> list[tuple[int, int]] | None:
-    """Box of ``volume > threshold`` in one pass over z slices, from per-row and per-column maxima.
+    """Box of ``volume > threshold`` in one pass: per z slice, OR-ed into a (y, x) footprint.
 
-    With ``pairs``, a voxel counts only when its x neighbour is above the threshold too (the
-    minimum of the pair is), so that isolated noise voxels in the air (a few per CT at
-    -1000 +- 15 HU) do not stretch the box.
+    With ``pairs``, a voxel counts only when its x neighbour is above the threshold too, so that
+    isolated noise voxels in the air (a few per CT at -1000 +- 15 HU) do not stretch the box.
     """
     nz, ny, nx = volume_zyx.shape
     pairs = pairs and nx > 1
-    row_max = np.full(ny, -np.inf)
-    col_max = np.full(nx - 1 if pairs else nx, -np.inf)
+    footprint_yx = np.zeros((ny, nx - 1 if pairs else nx), dtype=bool)
     z_hit = np.zeros(nz, dtype=bool)
     for z in range(nz):
-        s = volume_zyx[z]
+        above = volume_zyx[z] > threshold
         if pairs:
-            s = np.minimum(s[:, 1:], s[:, :-1])
-        rows = s.max(axis=1)
-        if rows.max() > threshold:
+            above = above[:, 1:] & above[:, :-1]
+        if above.any():
             z_hit[z] = True
-            np.maximum(row_max, rows, out=row_max)
-            np.maximum(col_max, s.max(axis=0), out=col_max)
+            footprint_yx |= above
     zs = np.flatnonzero(z_hit)
     if zs.size == 0:
         return None
-    ys = np.flatnonzero(row_max > threshold)
-    xs = np.flatnonzero(col_max > threshold)
+    ys = np.flatnonzero(footprint_yx.any(axis=1))
+    xs = np.flatnonzero(footprint_yx.any(axis=0))
     # a pair starting at x covers voxels x and x + 1
-    return [(int(zs[0]), int(zs[-1]) + 1), (int(ys[0]), int(ys[-1]) + 1), (int(xs[0]), int(xs[-1]) + 1 + pairs)]
+    return [
+        (int(zs[0]), int(zs[-1]) + 1),
+        (int(ys[0]), int(ys[-1]) + 1),
+        (int(xs[0]), int(xs[-1]) + 1 + pairs),
+    ]
 
 
 def body_box(image_zyx: np.ndarray, label_zyx: np.ndarray | None, *, air_threshold: float) -> Box:
