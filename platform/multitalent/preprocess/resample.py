@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import linalg, ndimage
 
 # Weights below this are dropped from the cubic operator: they are powers of the B-spline pole
 # (0.268) far from the sample and would otherwise become float32 denormals (very slow in BLAS).
@@ -107,6 +106,8 @@ def _bspline3(d: np.ndarray) -> np.ndarray:
 
 def _cubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Cubic B-spline interpolation of the edge-extended signal, as an ``(n_out, n_in)`` matrix."""
+    from scipy import linalg  # lazy: readers import this package for the plan only
+
     n_ext = n_in + 2 * _EDGE_PAD
     # edge extension: extended sample e is input sample clip(e - pad)
     extend = np.zeros((n_ext, n_in))
@@ -251,6 +252,8 @@ def label_boxes(label: np.ndarray) -> dict[int, tuple[slice, ...]]:
     """Bounding box (slices) of every label value > 0 present in ``label`` (one pass)."""
     if not np.issubdtype(label.dtype, np.integer):
         raise ValueError(f"label map must have an integer dtype, got {label.dtype}")
+    from scipy import ndimage
+
     objects = ndimage.find_objects(label)
     return {v: box for v, box in enumerate(objects, start=1) if box is not None}
 
