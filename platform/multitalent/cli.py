@@ -49,6 +49,26 @@ def _augment_preview_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="training job YAML (see jobs/pretrain.yaml)")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: local Ray, or the submitted job's)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job field, dotted path (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build every component (data, model, loss, DeepSpeed config, tracking) and take no step",
+    )
+
+
 # name -> (help, argument setup, "module:function" taking the parsed namespace, returning exit code)
 COMMANDS: dict[str, tuple[str, Configure, str]] = {
     "catalog": ("inspect label spaces", _catalog_args, "multitalent.catalog.cli:run"),
@@ -57,6 +77,11 @@ COMMANDS: dict[str, tuple[str, Configure, str]] = {
         "raw datasets -> preprocessed Zarr + WebDataset shards",
         _convert_args,
         "multitalent.convert.cli:run",
+    ),
+    "train": (
+        "train a job with Ray Train + DeepSpeed (MLflow tracking, resumable)",
+        _train_args,
+        "multitalent.train.cli:run",
     ),
     "augment-preview": (
         "PNG grid of augmented patches with label overlays",
