@@ -169,12 +169,13 @@ def test_zarr_and_webdataset_give_identical_patches(collection):
                 np.testing.assert_array_equal(a.image_czyx, b.image_czyx)
                 np.testing.assert_array_equal(a.label_zyx, b.label_zyx)
                 assert a.key == b.key and a.dataset_idx == b.dataset_idx
-            # against the written arrays: normalised interior, zero padding outside the volume
+            # against the written arrays: normalised interior, air (normalised lower clip) outside
             s = zsrc.read_sample(index[case.key], (0, 0, 0))
             np.testing.assert_allclose(
                 s.image_czyx[0, 2:, 4:, 4:], NORM(ref.image_zyx[:2, :4, :4]), rtol=1e-6
             )
-            assert (s.image_czyx[0, :2] == 0).all() and (s.label_zyx[:2] == 0).all()
+            air = NORM(np.array([NORM.clip_lo]))[0]
+            assert air < -1 and (s.image_czyx[0, :2] == air).all() and (s.label_zyx[:2] == 0).all()
     assert seen == set(collection.arrays)
 
 

@@ -4,13 +4,12 @@ Each row shows the mid axial slice of one patch as read (its centre crop) and af
 :func:`~multitalent.data.augment.augment_batch`, with the raw label map overlaid in colour and the
 applied transforms written above the augmented panel. Patches are read like the loader does: a
 larger box (:func:`~multitalent.data.augment.read_shape_zyx`) centred on a random foreground voxel
-(or a random voxel when the case has none), padded with 0 outside the volume.
+(or a random voxel when the case has none), padded with air outside the volume.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,27 +129,6 @@ def render_grid(
     return canvas
 
 
-def _crop_padded(
-    array: Any, center_zyx: Sequence[int], shape_zyx: Sequence[int], *, dtype: Any, transform: Any = None
-) -> np.ndarray:
-    """``shape_zyx`` box centred at ``center_zyx`` (start = centre - size // 2), 0 outside the volume.
-
-    ``transform`` maps the voxels read (a numpy array) before they are placed, so padding stays 0.
-    """
-    out = np.zeros(tuple(shape_zyx), dtype=dtype)
-    src, dst = [], []
-    for c, s, n in zip(center_zyx, shape_zyx, array.shape):
-        lo = int(c) - int(s) // 2
-        a, b = max(lo, 0), min(lo + int(s), int(n))
-        if b <= a:
-            return out
-        src.append(slice(a, b))
-        dst.append(slice(a - lo, b - lo))
-    voxels = np.asarray(array[tuple(src)])
-    out[tuple(dst)] = voxels if transform is None else transform(voxels)
-    return out
-
-
 def _load_patches(
     shards_dir: Path, n: int, patch: tuple[int, int, int], seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -165,17 +143,14 @@ def _load_patches(
     import torch
 
     from multitalent.data.augment import AugmentConfig, read_shape_zyx
+    from multitalent.data.batch import Normalization
+    from multitalent.data.sources import extract_patch
     from multitalent.shards import open_case_zarr
 
     plan_path = shards_dir / "plan.json"
     if not plan_path.is_file():
         raise FileNotFoundError(f"{plan_path}: no plan.json (is --shards a converted output folder?)")
-    try:
-        norm = json.loads(plan_path.read_text())["normalization"]
-        lo, hi = (float(v) for v in norm["clip"])
-        mean, std = float(norm["mean"]), float(norm["std"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{plan_path}: cannot read normalization clip/mean/std ({e})") from e
+    normalization = Normalization.from_plan(plan_path)
     stores = sorted((shards_dir / "zarr").glob("*/*.zarr"))
     if not stores:
         raise FileNotFoundError(f"{shards_dir / 'zarr'}: no case stores <dataset_id>/<case_id>.zarr")
@@ -191,16 +166,9 @@ def _load_patches(
             center = [int(v) for v in fg[rng.integers(len(fg)), 1:4]]
         else:
             center = [int(rng.integers(s)) for s in shape]
-        images.append(
-            _crop_padded(
-                case.image,
-                center,
-                read,
-                dtype=np.float32,
-                transform=lambda v: (np.clip(v, lo, hi) - mean) / std,
-            )
-        )
-        labels.append(_crop_padded(case.label, center, read, dtype=np.uint8))
+        image_czyx, label_zyx = extract_patch(case.image, case.label, center, read, normalization)
+        images.append(image_czyx[0])
+        labels.append(label_zyx)
         keys.append(case.key)
     return (
         torch.from_numpy(np.stack(images))[:, None],

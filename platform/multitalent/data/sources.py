@@ -68,11 +68,13 @@ def extract_patch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(image_czyx float32 normalised, label_zyx uint8)`` of one patch of a stored case.
 
-    Works on numpy and zarr arrays alike. Padding is 0 after normalisation for the image (nnU-Net pads
-    normalised data with 0) and 0 (background) for the label.
+    Works on numpy and zarr arrays alike. The image is padded with air (the lower clip value,
+    normalised): the converter crops cases to the body, so what lies outside a stored case is air, not
+    the collection's mean intensity (nnU-Net's 0 after normalisation). The label is padded with 0.
     """
+    air = float(normalization(np.array([normalization.clip_lo], dtype=np.float32))[0])
     image = read_patch(
-        image_zyx, center_zyx, patch_zyx, pad_value=0.0, dtype=np.float32, transform=normalization
+        image_zyx, center_zyx, patch_zyx, pad_value=air, dtype=np.float32, transform=normalization
     )
     label = read_patch(label_zyx, center_zyx, patch_zyx, pad_value=0, dtype=np.uint8)
     return image[None], label
