@@ -51,6 +51,8 @@ class MultiTalentObjective(nn.Module):
     ) -> tuple[Tensor, dict]:
         outputs = net(inputs.image_bczyx)
         levels = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+        # bf16 logits (DeepSpeed bf16 engines) would lose the loss's small Dice/BCE differences.
+        levels = [o.float() for o in levels]
         labels = downsample_labels(inputs.label_bzyx, [o.shape[2:] for o in levels])
         lut = self.region_lut
         targets = [targets_from_labels(lab, inputs.dataset_idx_b, lut) for lab in labels]

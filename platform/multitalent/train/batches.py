@@ -1,0 +1,158 @@
+"""Training batches of one rank, reproducible per iteration so that a resumed run is exact.
+
+``zarr`` (default): the batch of iteration ``i`` on rank ``r`` is a pure function of ``(seed, r, i)``:
+the case/centre draws use ``stream_rngs(seed, r, 0, epoch=i)`` and the augmentation generator is
+seeded from ``(seed, r, i)``. A resumed run therefore sees the batches the interrupted one would have
+seen, whatever the number of loader processes and with no sampler state to save.
+
+``webdataset``: a stream per epoch (``set_epoch(epoch)``); resuming mid-epoch re-reads the epoch's
+stream and drops the batches already used, which is exact when the number of loader workers is
+unchanged and costs reading at most one epoch of data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx
+from multitalent.data.batch import Batch, collate
+
+_AUGMENT_STREAM = 1  # distinguishes the augmentation seed from the data streams of the same step
+
+
+def step_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
+    """The CPU generator of iteration ``iteration``'s augmentation on ``rank``."""
+    state = np.random.SeedSequence([seed, rank, iteration, _AUGMENT_STREAM]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+@dataclass(frozen=True)
+class AugmentPlan:
+    """Augmentation of the batches: ``config`` None = off; ``read_zyx`` is the patch the loader reads
+    (larger than ``patch_zyx`` so rotations rarely pull in padding); ``in_loader`` = applied in the
+    loader (CPU) rather than in the step on the training device."""
+
+    config: AugmentConfig | None
+    patch_zyx: tuple[int, int, int]
+    read_zyx: tuple[int, int, int]
+    in_loader: bool
+
+    @classmethod
+    def make(cls, *, enabled: bool, where: str, patch_zyx: Sequence[int]) -> AugmentPlan:
+        z, y, x = (int(p) for p in patch_zyx)
+        if not enabled:
+            return cls(None, (z, y, x), (z, y, x), False)
+        config = AugmentConfig()
+        return cls(config, (z, y, x), read_shape_zyx((z, y, x), config), where == "loader")
+
+    def apply(self, batch: Batch, generator: torch.Generator) -> Batch:
+        if self.config is None:
+            return batch
+        image, label = augment_batch(
+            batch.image_bczyx,
+            batch.label_bzyx,
+            config=self.config,
+            generator=generator,
+            out_shape_zyx=self.patch_zyx,
+        )
+        return Batch(image, label, batch.dataset_idx_b, batch.annotated_bk, batch.keys)
+
+
+class StepBatches(IterableDataset):
+    """``(iteration, Batch)`` for iterations ``[start, stop)`` of one rank from a ``ZarrPatchSource``.
+
+    Loader worker ``w`` of ``n`` makes iterations ``start + w, start + w + n, ...``; torch's DataLoader
+    collects its workers in turn, so the output is in iteration order.
+    """
+
+    def __init__(self, source: Any, *, start: int, stop: int, augment: AugmentPlan) -> None:
+        super().__init__()
+        self.source, self.start, self.stop, self.augment = source, int(start), int(stop), augment
+
+    def batch_at(self, iteration: int) -> Batch:
+        src = self.source
+        src.set_epoch(iteration)  # the data stream of this iteration: stream_rngs(seed, rank, 0, epoch=i)
+        samples = src.samples(worker=0, num_workers=1)
+        batch = collate([next(samples) for _ in range(src.batch_size)], annotated_dk=src.annotated_dk)
+        if self.augment.in_loader:
+            batch = self.augment.apply(batch, step_generator(src.seed, src.rank, iteration))
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[int, Batch]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(self.start + worker, self.stop, workers):
+            yield i, self.batch_at(i)
+
+
+def _first(item: Any) -> Any:
+    """The DataLoader's collate: batches come ready-made."""
+    return item
+
+
+def zarr_batches(
+    source: Any, *, start: int, stop: int, augment: AugmentPlan, loader_workers: int
+) -> Iterator[tuple[int, Batch]]:
+    """Iterations ``[start, stop)`` of one rank, read by ``loader_workers`` processes (0: inline)."""
+    dataset = StepBatches(source, start=start, stop=stop, augment=augment)
+    if loader_workers == 0:
+        yield from dataset
+        return
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=loader_workers,
+        collate_fn=_first,
+        prefetch_factor=2,
+        pin_memory=torch.cuda.is_available(),
+    )
+    yield from loader
+
+
+def webdataset_batches(
+    make_source: Any,
+    *,
+    start: int,
+    stop: int,
+    iterations_per_epoch: int,
+    augment: AugmentPlan,
+    loader_workers: int,
+) -> Iterator[tuple[int, Batch]]:
+    """Iterations ``[start, stop)`` from a per-epoch ``WebDatasetPatchSource`` stream.
+
+    ``make_source(epoch)`` builds the source of an epoch (``num_batches = iterations_per_epoch``).
+    Augmentation, when in the loader, runs in this process here (the stream's workers do not know the
+    iteration index).
+    """
+    iteration = start
+    while iteration < stop:
+        epoch = iteration // iterations_per_epoch
+        source = make_source(epoch)
+        loader: Any = (
+            source
+            if loader_workers == 0
+            else DataLoader(source, batch_size=None, num_workers=loader_workers, collate_fn=_first)
+        )
+        first = epoch * iterations_per_epoch
+        for j, batch in enumerate(loader):
+            i = first + j
+            if i < iteration:
+                continue  # used before the resume
+            if i >= stop:
+                break
+            if augment.in_loader:
+                batch = augment.apply(batch, step_generator(source.seed, source.rank, i))
+            yield i, batch
+            iteration = i + 1
+        else:
+            if iteration < min(stop, first + iterations_per_epoch):
+                raise RuntimeError(
+                    f"the WebDataset stream of epoch {epoch} ended after {iteration - first} of "
+                    f"{iterations_per_epoch} batches"
+                )

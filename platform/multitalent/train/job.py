@@ -1,0 +1,182 @@
+"""The training job file (``jobs/pretrain.yaml`` and its variants).
+
+Strict like every job file (:mod:`multitalent.jobs`): an unknown key or a wrong type is an error naming
+its dotted path. Defaults are the paper's multi-dataset pre-training; ``jobs/pretrain_cpu_tiny.yaml``
+shows the smallest useful variant. Values that the DeepSpeed configuration derives from this file
+(micro-batch, gradient clipping, precision, ZeRO stage) live here only; setting them again in the
+``deepspeed:`` pass-through section is an error (:mod:`multitalent.distributed.deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from multitalent.jobs import StrictModel, load_job
+
+
+class ShardsSection(StrictModel):
+    """The converted collection (output folder of ``multitalent convert``)."""
+
+    path: str = "data_shards/multitalent13"
+    source: Literal["zarr", "webdataset"] = (
+        "zarr"  # zarr: random access (exact resume); webdataset: streaming
+    )
+
+
+class ArchitectureSection(StrictModel):
+    arch: str = "resenc_unet"  # multitalent.models.available_architectures()
+    size: Literal["paper", "tiny"] = "paper"
+    patch_zyx: list[int] = Field(default_factory=lambda: [96, 192, 192])
+    deep_supervision: bool = True
+
+    @model_validator(mode="after")
+    def _three_positive(self) -> ArchitectureSection:
+        if len(self.patch_zyx) != 3 or min(self.patch_zyx) < 1:
+            raise ValueError(f"patch_zyx must be three positive sizes (z, y, x), got {self.patch_zyx}")
+        return self
+
+
+class OptimiserSection(StrictModel):
+    """SGD with Nesterov momentum 0.99 (paper, CNNs) or AdamW (SwinUNETR)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=1e-2, gt=0)
+    momentum: float = Field(default=0.99, ge=0, lt=1)  # sgd
+    nesterov: bool = True  # sgd
+    weight_decay: float = Field(default=3e-5, ge=0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])  # adamw
+    grad_clip: float = Field(default=12.0, gt=0)  # global gradient norm (nnU-Net: 12)
+
+    @model_validator(mode="after")
+    def _betas(self) -> OptimiserSection:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        return self
+
+
+class ScheduleSection(StrictModel):
+    """Poly decay ``lr * (1 - epoch / epochs) ** exponent``, stepped at epoch starts (nnU-Net)."""
+
+    epochs: int = Field(default=2000, ge=1)
+    iterations_per_epoch: int = Field(default=250, ge=1)
+    poly_exponent: float = Field(default=0.9, ge=0)
+    # End this launch after this many iterations (counted from 0, not from the resume point) with a
+    # checkpoint; the schedule still spans epochs x iterations, so a later launch continues it.
+    stop_after_iterations: int | None = Field(default=None, ge=1)
+
+    @property
+    def total_iterations(self) -> int:
+        return self.epochs * self.iterations_per_epoch
+
+
+class BatchSection(StrictModel):
+    global_size: int = Field(default=4, ge=1)  # over all workers; micro-batch = global / workers
+
+
+class WorkersSection(StrictModel):
+    """Ray Train workers: one per GPU (or per CPU slot)."""
+
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = True
+    resources_per_worker: dict[str, float] | None = None  # e.g. {CPU: 8, GPU: 1}
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(default=3, ge=-1)  # worker-group restarts; -1 = unlimited
+
+
+class CheckpointSection(StrictModel):
+    every_iterations: int = Field(default=250, ge=1)  # and always at epoch ends
+    keep: int = Field(default=3, ge=2)  # >= 2: a corrupt latest checkpoint needs a predecessor
+
+
+class TrackingSection(StrictModel):
+    uri: str | None = None  # None: sqlite under the run directory; else e.g. http://mlflow:5000
+    experiment: str = "multitalent"
+    enabled: bool = True
+    log_every: int = Field(default=1, ge=1)  # iterations between loss/lr/throughput points
+
+
+class RunSection(StrictModel):
+    storage_path: str = "runs"  # Ray Train storage; must be shared by all nodes (local path or NFS)
+    name: str = "pretrain"  # the run directory is storage_path/name; re-launching it resumes
+    seed: int = Field(default=0, ge=0)
+
+
+class AugmentationSection(StrictModel):
+    enabled: bool = True
+    where: Literal["device", "loader"] = "device"  # device: in the step on the GPU; loader: CPU
+
+
+class DataSection(StrictModel):
+    exponent: float = Field(default=0.5, ge=0)  # case weight n_dataset ** -exponent
+    fg_fraction: float = Field(default=1 / 3, ge=0, le=1)
+    augmentation: AugmentationSection = AugmentationSection()
+    loader_workers: int = Field(default=4, ge=0)  # DataLoader processes per rank; 0 = in the rank
+
+
+class ValidationSection(StrictModel):
+    fold: int | None = Field(default=0, ge=0, lt=5)  # None: train on every case, no validation
+    every_epochs: int = Field(default=50, ge=1)
+    max_cases: int | None = Field(default=None, ge=1)  # first cases of the fold's validation split
+    patches_per_case: int = Field(default=1, ge=1)  # foreground-centred patches, fixed per case
+    overlays: bool = True  # one PNG per dataset
+
+
+class NonFiniteSection(StrictModel):
+    max_consecutive: int = Field(default=10, ge=1)  # more non-finite losses in a row stop the job
+
+
+class DebugSection(StrictModel):
+    """Test hooks; leave empty in real jobs."""
+
+    poison_loss_at: list[int] = Field(default_factory=list)  # iterations whose loss becomes NaN
+    sleep_per_iteration_s: float = Field(default=0.0, ge=0)  # slows a run down for fault tests
+
+
+class TrainJob(StrictModel):
+    """A training job: see ``jobs/pretrain.yaml`` for every field with its meaning."""
+
+    kind: Literal["train"] = "train"
+    catalog: str = "multitalent13"
+    shards: ShardsSection = ShardsSection()
+    architecture: ArchitectureSection = ArchitectureSection()
+    optimiser: OptimiserSection = OptimiserSection()
+    schedule: ScheduleSection = ScheduleSection()
+    batch: BatchSection = BatchSection()
+    zero_stage: Literal[1, 2, 3] = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    workers: WorkersSection = WorkersSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    tracking: TrackingSection = TrackingSection()
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    validation: ValidationSection = ValidationSection()
+    nonfinite: NonFiniteSection = NonFiniteSection()
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # pass-through; derived keys are errors
+    debug: DebugSection = DebugSection()
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainJob:
+        n, b = self.workers.num_workers, self.batch.global_size
+        if b % n:
+            raise ValueError(
+                f"batch.global_size {b} is not divisible by workers.num_workers {n} "
+                "(the micro-batch per worker is global_size / num_workers)"
+            )
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch.global_size // self.workers.num_workers
+
+    @property
+    def run_dir(self) -> Path:
+        """``storage_path/name``: Ray's checkpoints, the sqlite MLflow store, the run's files."""
+        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+
+
+def load_train_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainJob:
+    """Read, merge (``extends:``), override (``a.b=value``) and validate a training job file."""
+    return load_job(path, TrainJob, overrides)

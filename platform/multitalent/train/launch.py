@@ -1,0 +1,250 @@
+"""The driver side: :func:`run_training` (Ray Train on a local or given cluster) and :func:`dry_run`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multitalent.train.checkpoint import (
+    RUN_ID_FILE,
+    STATE_FILE,
+    TrainerState,
+    choose_resume,
+    load_history,
+    run_checkpoints,
+)
+from multitalent.train.job import TrainJob
+
+
+@dataclass
+class TrainResult:
+    """What a finished launch left behind.
+
+    ``iterations``: iterations done in the run so far (over all launches); ``losses[i]`` is the mean
+    loss over ranks of iteration ``loss_iterations[i]`` (NaN: skipped as non-finite); both cover
+    the whole run (earlier launches included). ``checkpoint`` is the final checkpoint folder.
+    """
+
+    ray_result: Any
+    run_dir: Path
+    checkpoint: Path | None
+    mlflow_run_id: str | None
+    tracking_uri: str
+    iterations: int
+    optimizer_steps: int
+    skipped_nonfinite: int
+    loss_iterations: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def absolute_paths(job: TrainJob, base: Path | None = None) -> TrainJob:
+    """The job with ``shards.path`` and ``run.storage_path`` made absolute against ``base`` (default:
+    the current directory): Ray workers run in other directories."""
+    base = (base or Path.cwd()).resolve()
+
+    def absolute(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() or "://" in p else (base / q).resolve())
+
+    return job.model_copy(
+        update={
+            "shards": job.shards.model_copy(update={"path": absolute(job.shards.path)}),
+            "run": job.run.model_copy(update={"storage_path": absolute(job.run.storage_path)}),
+        }
+    )
+
+
+def tracking_uri(job: TrainJob) -> str:
+    """The MLflow tracking URI the run logs to (default: sqlite under the run directory)."""
+    return job.tracking.uri or f"sqlite:///{job.run_dir / 'mlflow.db'}"
+
+
+def _result_from_checkpoint(ray_result: Any, job: TrainJob, stop_reason: str | None) -> TrainResult:
+    run_dir = job.run_dir
+    folder: Path | None = None
+    if ray_result is not None and getattr(ray_result, "checkpoint", None) is not None:
+        folder = Path(ray_result.checkpoint.path)
+    if folder is None:
+        folder = choose_resume(run_checkpoints(run_dir)).folder
+    state = TrainerState()
+    its: list[int] = []
+    losses: list[float] = []
+    if folder is not None:
+        state = TrainerState.from_json((folder / STATE_FILE).read_text(), where=str(folder))
+        i, lo = load_history(folder)
+        its, losses = i.tolist(), lo.tolist()
+    run_id = state.mlflow_run_id
+    if run_id is None and (run_dir / RUN_ID_FILE).is_file():
+        run_id = (run_dir / RUN_ID_FILE).read_text().strip() or None
+    return TrainResult(
+        ray_result=ray_result,
+        run_dir=run_dir,
+        checkpoint=folder,
+        mlflow_run_id=run_id,
+        tracking_uri=tracking_uri(job),
+        iterations=state.iteration,
+        optimizer_steps=state.optimizer_steps,
+        skipped_nonfinite=state.skipped_nonfinite,
+        loss_iterations=its,
+        losses=losses,
+        stop_reason=stop_reason,
+    )
+
+
+def run_training(job: TrainJob, *, address: str | None = None) -> TrainResult:
+    """Train ``job`` with Ray Train: on the cluster at ``address``, the cluster of a submitted job
+    (``RAY_ADDRESS``), or a local Ray started (and stopped) here.
+
+    Relaunching a job with the same ``run.name``/``run.storage_path`` resumes it from its newest
+    verified checkpoint, in the same MLflow run.
+
+    Raises:
+        NonFiniteLossError: the loss was non-finite more than ``nonfinite.max_consecutive`` times in
+            a row (the result so far stays in the run directory).
+        RuntimeError: the training failed more often than ``workers.max_failures`` allows.
+    """
+    from multitalent.distributed.deepspeed_config import derive_deepspeed_config
+    from multitalent.distributed.ray_launch import build_trainer
+    from multitalent.raycluster import ray_session
+    from multitalent.train.components import load_data_setup
+    from multitalent.train.loop import NonFiniteLossError, train_loop_per_worker
+
+    job = absolute_paths(job)
+    derive_deepspeed_config(job)  # configuration errors surface before any worker starts
+    load_data_setup(job)
+    run_dir = job.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop_config = {"job": job.model_dump(mode="python"), "run_dir": str(run_dir)}
+    with ray_session(address=address):
+        trainer = build_trainer(
+            job,
+            storage_path=Path(job.run.storage_path),
+            train_loop=train_loop_per_worker,
+            loop_config=loop_config,
+        )
+        ray_result = trainer.fit()
+    if getattr(ray_result, "error", None) is not None:
+        raise RuntimeError(f"training of {run_dir} failed: {ray_result.error}") from ray_result.error
+    metrics = dict(getattr(ray_result, "metrics", None) or {})
+    stop_reason = metrics.get("stop_reason") or None
+    result = _result_from_checkpoint(ray_result, job, stop_reason)
+    if stop_reason:
+        raise NonFiniteLossError(f"{run_dir}: training stopped: {stop_reason}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- dry run
+@dataclass
+class DryRunReport:
+    """Everything a launch would build, described; ``warnings`` for what could not be built."""
+
+    lines: list[str]
+    warnings: list[str]
+    deepspeed_config: dict[str, Any]
+    batch_shape: tuple[int, ...] | None
+
+    def text(self) -> str:
+        return "\n".join(self.lines + [f"WARNING: {w}" for w in self.warnings])
+
+
+def dry_run(job: TrainJob) -> DryRunReport:
+    """Build every component of the job without Ray workers and take no step.
+
+    Job, DeepSpeed config, catalog, plan and splits, the rank-0 data source and one batch of it,
+    network, objective, optimizer and schedule, Ray's scaling/run configuration, and the tracking
+    and resume state. Missing shards are a warning (everything that does not need them is built).
+
+    Raises:
+        DeepSpeedConfigError, ValueError: an inconsistent job (a derived key set twice, a patch the
+            network cannot take, shards of another catalog).
+    """
+    from multitalent.catalog import load_catalog
+    from multitalent.distributed.deepspeed_config import derive_deepspeed_config, resolve_precision
+    from multitalent.distributed.ray_launch import run_config, scaling_config
+    from multitalent.train.batches import AugmentPlan, StepBatches
+    from multitalent.train.components import build_model, load_data_setup, output_levels, zarr_source
+    from multitalent.train.schedule import PolySchedule, build_optimizer
+    from multitalent.train.step import MultiTalentObjective
+
+    job = absolute_paths(job)
+    lines: list[str] = []
+    warnings: list[str] = []
+    ds_config = derive_deepspeed_config(job)
+    precision = resolve_precision(job.precision, use_gpu=job.workers.use_gpu)
+    w = job.workers
+    lines.append(
+        f"workers: {w.num_workers} x {'GPU' if w.use_gpu else 'CPU'} {w.resources_per_worker or ''} "
+        f"{w.placement_strategy}; global batch {job.batch.global_size} = "
+        f"{w.num_workers} x {job.micro_batch}; "
+        f"ZeRO {job.zero_stage}; {precision}"
+    )
+    lines.append(f"deepspeed: {json.dumps(ds_config, sort_keys=True)}")
+    scaling_config(job)
+    run_config(job, Path(job.run.storage_path))
+    catalog = load_catalog(job.catalog)
+    lines.append(f"catalog: {catalog.name} ({len(catalog.datasets)} datasets, {catalog.num_classes} classes)")
+    spacing: tuple[float, float, float] = (1.5, 1.0, 1.0)
+    batch_shape: tuple[int, ...] | None = None
+    augment = AugmentPlan.make(
+        enabled=job.data.augmentation.enabled,
+        where=job.data.augmentation.where,
+        patch_zyx=job.architecture.patch_zyx,
+    )
+    try:
+        setup = load_data_setup(job, catalog=catalog)
+    except FileNotFoundError as e:
+        warnings.append(f"data: {e}")
+        setup = None
+    if setup is not None:
+        spacing = setup.spacing_zyx_mm
+        lines.append(
+            f"data: {setup.root} ({job.shards.source}); {len(setup.train_cases)} training / "
+            f"{len(setup.val_cases)} validation cases (fold {job.validation.fold}); spacing {spacing} mm"
+        )
+        source = zarr_source(
+            job,
+            setup,
+            cases=setup.train_cases,
+            patch_zyx=augment.read_zyx,
+            batch_size=job.micro_batch,
+            rank=0,
+            world_size=w.num_workers,
+        )
+        batch = StepBatches(source, start=0, stop=1, augment=augment).batch_at(0)
+        batch_shape = tuple(batch.image_bczyx.shape)
+        lines.append(
+            f"batch (rank 0, iteration 0): image {batch_shape}, read {augment.read_zyx}, keys {batch.keys}"
+        )
+    model = build_model(job, catalog, spacing)
+    n_params = sum(p.numel() for p in model.parameters())
+    objective = MultiTalentObjective(catalog, n_levels=output_levels(model))
+    optimizer = build_optimizer(model.parameters(), job.optimiser)
+    s = job.schedule
+    schedule = PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent)
+    lines.append(
+        f"model: {job.architecture.arch} ({job.architecture.size}), {n_params:,} parameters, "
+        f"{output_levels(model)} output level(s), patch {job.architecture.patch_zyx}; "
+        f"loss {type(objective.loss).__name__}"
+    )
+    lines.append(
+        f"optimiser: {type(optimizer).__name__} lr {job.optimiser.lr} -> poly {s.poly_exponent}; "
+        f"{s.epochs} epochs x {s.iterations_per_epoch} iterations; lr at the last epoch "
+        f"{schedule.lr_at(s.total_iterations - 1):.3g}"
+    )
+    lines.append(
+        f"augmentation: {'off' if augment.config is None else ('loader' if augment.in_loader else 'device')}"
+    )
+    lines.append(
+        f"tracking: {tracking_uri(job) if job.tracking.enabled else 'off'}, "
+        f"experiment {job.tracking.experiment!r}"
+    )
+    resume = choose_resume(run_checkpoints(job.run_dir))
+    where = f"resume from {resume.folder.name}" if resume.folder is not None else "fresh start"
+    lines.append(
+        f"run: {job.run_dir} ({where}; keep {job.checkpoint.keep}, every {job.checkpoint.every_iterations})"
+    )
+    warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
+    return DryRunReport(lines, warnings, ds_config, batch_shape)

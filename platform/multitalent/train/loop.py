@@ -1,0 +1,340 @@
+"""The worker side: one DeepSpeed engine per Ray Train worker, the training loop, checkpoint I/O.
+
+:func:`train_loop_per_worker` is what Ray Train runs on every worker. :class:`Trainer` builds the
+parts (network, optimizer, engine, objective, batches), restores the newest verified checkpoint,
+and runs :meth:`Trainer.fit`, a short loop whose logging, validation and checkpoint cadence are
+callbacks (:mod:`multitalent.train.callbacks`).
+
+Non-finite losses: every iteration all-reduces ``[loss, non-finite flag]`` (one tiny collective,
+also giving the global mean loss to log), so all ranks agree; a non-finite iteration on any rank is
+skipped by all (no backward, no optimizer step), counted, and the data moves on. More than
+``nonfinite.max_consecutive`` in a row ends the run on all ranks with a reported ``stop_reason``
+(the workers return normally, so Ray does not restart them for a deterministic failure).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from multitalent.train.batches import AugmentPlan, step_generator, webdataset_batches, zarr_batches
+from multitalent.train.checkpoint import (
+    DEEPSPEED_TAG,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    TrainerState,
+    checkpoint_dir_name,
+    choose_resume,
+    load_history,
+    order_candidates,
+    run_checkpoints,
+    save_history,
+    write_rank_manifest,
+)
+from multitalent.train.job import TrainJob
+from multitalent.train.schedule import PolySchedule, build_optimizer
+from multitalent.train.step import MultiTalentObjective, StepInputs
+
+STOP_NONFINITE = "nonfinite"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses (raised by the driver from the workers' report)."""
+
+
+@dataclass
+class StepResult:
+    """One iteration as the callbacks see it; ``loss`` is the mean over ranks (NaN when skipped)."""
+
+    iteration: int
+    loss: float
+    lr: float
+    skipped: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+    use_gpu: bool
+
+
+def _rank_rng_file(rank: int) -> str:
+    return f"rank-{rank}.rng.pt"
+
+
+class Trainer:
+    """The state of one worker's training (see the module docstring)."""
+
+    def __init__(self, job: TrainJob, *, worker: WorkerInfo, run_dir: Path) -> None:
+        from multitalent.distributed.deepspeed_config import derive_deepspeed_config, resolve_precision
+        from multitalent.distributed.engine import build_engine
+        from multitalent.train.components import build_model, load_data_setup, output_levels, zarr_source
+
+        self.job, self.worker, self.run_dir = job, worker, run_dir
+        self.rank, self.world_size, self.device = worker.rank, worker.world_size, worker.device
+        self.setup = load_data_setup(job)
+        self.catalog = self.setup.catalog
+        torch.manual_seed(job.run.seed)  # identical initial weights on every rank and every launch
+        model = build_model(job, self.catalog, self.setup.spacing_zyx_mm)
+        self.model_description = model.describe()
+        self.ds_config = derive_deepspeed_config(job)
+        self.engine = build_engine(
+            model,
+            build_optimizer(model.parameters(), job.optimiser),
+            config=self.ds_config,
+            use_gpu=worker.use_gpu,
+        )
+        self.dtype = (
+            torch.bfloat16
+            if resolve_precision(job.precision, use_gpu=worker.use_gpu) == "bf16"
+            else (torch.float32)
+        )
+        self.objective = MultiTalentObjective(self.catalog, n_levels=output_levels(model)).to(self.device)
+        self.lut = torch.as_tensor(self.catalog.region_lut(), device=self.device)
+        self.reduce = None
+        if self.world_size > 1:
+            from multitalent.losses import all_reduce_sum
+
+            self.reduce = all_reduce_sum()
+        s = job.schedule
+        self.schedule = PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent)
+        self.augment = AugmentPlan.make(
+            enabled=job.data.augmentation.enabled,
+            where=job.data.augmentation.where,
+            patch_zyx=job.architecture.patch_zyx,
+        )
+        self.source = None
+        if job.shards.source == "zarr":
+            self.source = zarr_source(
+                job,
+                self.setup,
+                cases=self.setup.train_cases,
+                patch_zyx=self.augment.read_zyx,
+                batch_size=job.micro_batch,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        self.state = TrainerState(
+            world_size=self.world_size, seed=job.run.seed, schedule=self.schedule.state_dict()
+        )
+        self.attempt = self._broadcast(secrets.token_hex(3))
+        self.state.attempt = self.attempt
+        self.loss_iterations: list[int] = []
+        self.losses: list[float] = []
+        self.stop_reason: str | None = None
+        self.resumed_from: Path | None = None
+        self.rejected_checkpoints: list[str] = []
+        self.last_checkpoint_iteration = -1
+
+    # ------------------------------------------------------------------ collectives
+    def _broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ------------------------------------------------------------------ resume
+    def restore(self, ray_latest: Path | None) -> None:
+        """Resume from the newest checkpoint that verifies (rank 0 decides, every rank loads)."""
+        choice = None
+        if self.rank == 0:
+            choice = choose_resume(order_candidates(ray_latest, run_checkpoints(self.run_dir)))
+        folder, rejected = self._broadcast((choice.folder, choice.rejected) if choice else None)
+        self.rejected_checkpoints = list(rejected)
+        for reason in rejected:
+            print(f"[multitalent] rank {self.rank}: not resuming from a bad checkpoint: {reason}", flush=True)
+        if folder is None:
+            return
+        state = TrainerState.from_json((folder / STATE_FILE).read_text(), where=str(folder))
+        if state.world_size != self.world_size:
+            raise RuntimeError(
+                f"{folder}: written by {state.world_size} workers, this run has {self.world_size}; "
+                "resume with the same workers.num_workers"
+            )
+        self.schedule.check_state(state.schedule, where=str(folder))
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
+        rng = folder / _rank_rng_file(self.rank)
+        if rng.is_file():
+            torch.set_rng_state(torch.load(rng, weights_only=True))
+        self.state = state
+        self.state.attempt = self.attempt
+        iterations, losses = load_history(folder)
+        self.loss_iterations, self.losses = iterations.tolist(), losses.tolist()
+        self.resumed_from = folder
+        self.last_checkpoint_iteration = state.iteration
+
+    # ------------------------------------------------------------------ data
+    def batches(self, start: int, stop: int) -> Iterator[tuple[int, Any]]:
+        job = self.job
+        if self.source is not None:
+            return zarr_batches(
+                self.source,
+                start=start,
+                stop=stop,
+                augment=self.augment,
+                loader_workers=job.data.loader_workers,
+            )
+        from multitalent.train.components import webdataset_source_factory
+
+        make = webdataset_source_factory(
+            job, self.setup, patch_zyx=self.augment.read_zyx, rank=self.rank, world_size=self.world_size
+        )
+        return webdataset_batches(
+            make,
+            start=start,
+            stop=stop,
+            iterations_per_epoch=job.schedule.iterations_per_epoch,
+            augment=self.augment,
+            loader_workers=job.data.loader_workers,
+        )
+
+    @property
+    def stop_iteration(self) -> int:
+        s = self.job.schedule
+        return min(s.total_iterations, s.stop_after_iterations or s.total_iterations)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, callbacks: Sequence[Any]) -> None:
+        for cb in callbacks:
+            cb.on_start(self)
+        for i, batch in self.batches(self.state.iteration, self.stop_iteration):
+            result = self.step(i, batch)
+            self.state.iteration = i + 1
+            for cb in callbacks:
+                cb.on_step_end(self, result)
+            if self.stop_reason:
+                break
+        for cb in callbacks:
+            cb.on_end(self)
+
+    def step(self, iteration: int, batch: Any) -> StepResult:
+        """Forward, loss, and (unless the loss is non-finite on some rank) backward and optimizer step."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        lr = self.schedule.apply(self.engine.optimizer, iteration)
+        batch = batch.to(self.device)
+        inputs = StepInputs(batch.image_bczyx, batch.label_bzyx, batch.dataset_idx_b, batch.annotated_bk)
+        if self.augment.config is not None and not self.augment.in_loader:
+            inputs = _augment(inputs, self.augment, step_generator(self.job.run.seed, self.rank, iteration))
+        inputs.image_bczyx = inputs.image_bczyx.to(self.dtype)
+        loss, _ = self.objective(self.engine, inputs, reduce=self.reduce)
+        if iteration in self.job.debug.poison_loss_at and self.rank == 0:
+            loss = loss * float("nan")
+        local = loss.detach().float()
+        both = torch.stack(
+            [torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0), (~torch.isfinite(local)).float()]
+        )
+        if self.world_size > 1:
+            dist.all_reduce(both)
+        skipped = bool(both[1].item() > 0)
+        if skipped:
+            self.state.skipped_nonfinite += 1
+            self.state.consecutive_nonfinite += 1
+            if self.state.consecutive_nonfinite > self.job.nonfinite.max_consecutive:
+                self.stop_reason = (
+                    f"{STOP_NONFINITE}: the loss was non-finite for {self.state.consecutive_nonfinite} "
+                    f"consecutive iterations (up to iteration {iteration}; limit "
+                    f"nonfinite.max_consecutive = {self.job.nonfinite.max_consecutive}); check the learning "
+                    "rate, the data and the precision"
+                )
+        else:
+            self.engine.backward(loss)
+            self.engine.step()
+            self.state.optimizer_steps += 1
+            self.state.consecutive_nonfinite = 0
+        mean_loss = float("nan") if skipped else float(both[0].item()) / self.world_size
+        self.loss_iterations.append(iteration)
+        self.losses.append(mean_loss)
+        if self.job.debug.sleep_per_iteration_s:
+            time.sleep(self.job.debug.sleep_per_iteration_s)
+        return StepResult(iteration, mean_loss, lr, skipped, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Every rank saves its part into a temporary folder and reports it to Ray (collective)."""
+        import ray.train
+
+        from multitalent.distributed.engine import full_state_dict
+
+        name = checkpoint_dir_name(self.state.iteration, self.attempt)
+        with tempfile.TemporaryDirectory(prefix="multitalent-ckpt-") as tmp:
+            folder = Path(tmp)
+            self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+            weights = full_state_dict(self.engine, zero_stage=self.job.zero_stage)
+            torch.save(torch.get_rng_state(), folder / _rank_rng_file(self.rank))
+            if self.rank == 0:
+                torch.save(weights, folder / WEIGHTS_FILE)
+                save_history(folder, np.asarray(self.loss_iterations), np.asarray(self.losses))
+                (folder / STATE_FILE).write_text(self.state.to_json())
+            write_rank_manifest(folder, self.rank)
+            ray.train.report(
+                {**metrics, "iteration": self.state.iteration, "checkpoint": name},
+                checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                checkpoint_dir_name=name,
+            )
+        self.last_checkpoint_iteration = self.state.iteration
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Metrics without a checkpoint (every rank must call it)."""
+        import ray.train
+
+        ray.train.report({**metrics, "iteration": self.state.iteration})
+
+
+def _augment(inputs: StepInputs, plan: AugmentPlan, generator: torch.Generator) -> StepInputs:
+    from multitalent.train.step import augment_inputs
+
+    assert plan.config is not None
+    return augment_inputs(inputs, config=plan.config, generator=generator, out_shape_zyx=plan.patch_zyx)
+
+
+def worker_info(use_gpu: bool) -> WorkerInfo:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    if use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), device, use_gpu)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function. ``config``: ``{"job": TrainJob dump, "run_dir": str}``."""
+    import ray.train
+
+    from multitalent.train.callbacks import default_callbacks
+
+    job = TrainJob.model_validate(config["job"])
+    worker = worker_info(job.workers.use_gpu)
+    if not worker.use_gpu:
+        # One intra-op thread per CPU the worker reserved (Ray sets OMP_NUM_THREADS accordingly).
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    trainer = Trainer(job, worker=worker, run_dir=Path(config["run_dir"]))
+    latest = ray.train.get_checkpoint()
+    trainer.restore(Path(latest.path) if latest is not None else None)
+    trainer.fit(default_callbacks())
