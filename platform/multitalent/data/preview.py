@@ -17,32 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from multitalent.tracking.pictures import PALETTE
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
 # label value -> RGB; value v > 0 uses _PALETTE[(v - 1) % len]
-_PALETTE = np.array(
-    [
-        (230, 25, 75),
-        (60, 180, 75),
-        (255, 225, 25),
-        (0, 130, 200),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-        (210, 245, 60),
-        (250, 190, 212),
-        (0, 128, 128),
-        (220, 190, 255),
-        (170, 110, 40),
-        (255, 250, 200),
-        (128, 0, 0),
-        (170, 255, 195),
-    ],
-    dtype=np.float32,
-)
+_PALETTE = np.array(PALETTE, dtype=np.float32)  # the same class colours as the tracking pictures
 _ALPHA = 0.45
 _TITLE_LINES = 2
 _LINE_PX = 12

@@ -155,6 +155,50 @@ def _topology_config(topology: UNetTopology, spacing_zyx_mm: Sequence[float]) ->
     }
 
 
+def _build_dna_unet(
+    arch: str,
+    *,
+    size: str,
+    in_channels: int,
+    patch_size_zyx: Sequence[int],
+    spacing_zyx_mm: Sequence[float],
+    gradient_checkpointing: bool,
+) -> Backbone:
+    """A dna U-Net planned by nnU-Net's rule: ``PlainConvUNet`` (``n_conv_per_stage`` convs per encoder
+    stage) or ``ResidualEncoderUNet`` (``n_blocks_per_stage`` residual blocks); plain decoder."""
+    from dynamic_network_architectures.architectures import unet as dna_unet
+
+    cls_name, units_key, sizes = {
+        "unet": ("PlainConvUNet", "n_conv_per_stage", UNET_SIZES),
+        "resenc_unet": ("ResidualEncoderUNet", "n_blocks_per_stage", RESENC_SIZES),
+    }[arch]
+    _check_size(size, arch)
+    _no_checkpointing(gradient_checkpointing, arch)
+    spec = sizes[size]
+    topology = plan_unet_topology(patch_size_zyx, spacing_zyx_mm, max_pools=spec.max_pools)
+    _check_divisible(patch_size_zyx, topology.divisible_by_zyx, arch)
+    n = topology.n_stages
+    features = spec.features(n)
+    layout = {
+        "features_per_stage": features,
+        units_key: spec.units(n),
+        "n_conv_per_stage_decoder": [spec.decoder_convs] * (n - 1),
+    }
+    net = getattr(dna_unet, cls_name)(
+        input_channels=in_channels,
+        n_stages=n,
+        num_classes=1,  # placeholder: the seg layers are replaced by MultiTalent head groups
+        **layout,
+        **_dna_common_kwargs(topology),
+    )
+    config = {
+        "implementation": f"dynamic_network_architectures.{cls_name}",
+        **layout,
+        **_topology_config(topology, spacing_zyx_mm),
+    }
+    return _dna_backbone(net, topology, features, config)
+
+
 def build_plain_unet(
     *,
     size: str,
@@ -164,33 +208,14 @@ def build_plain_unet(
     gradient_checkpointing: bool = False,
 ) -> Backbone:
     """nnU-Net 3-D U-Net (dna ``PlainConvUNet``): 2 convs per stage, InstanceNorm + LeakyReLU(0.01)."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    _check_size(size, "unet")
-    _no_checkpointing(gradient_checkpointing, "unet")
-    spec = UNET_SIZES[size]
-    topology = plan_unet_topology(patch_size_zyx, spacing_zyx_mm, max_pools=spec.max_pools)
-    _check_divisible(patch_size_zyx, topology.divisible_by_zyx, "unet")
-    n = topology.n_stages
-    features = spec.features(n)
-    n_convs = spec.units(n)
-    net = PlainConvUNet(
-        input_channels=in_channels,
-        n_stages=n,
-        features_per_stage=features,
-        n_conv_per_stage=n_convs,
-        num_classes=1,  # placeholder: the seg layers are replaced by MultiTalent head groups
-        n_conv_per_stage_decoder=[spec.decoder_convs] * (n - 1),
-        **_dna_common_kwargs(topology),
+    return _build_dna_unet(
+        "unet",
+        size=size,
+        in_channels=in_channels,
+        patch_size_zyx=patch_size_zyx,
+        spacing_zyx_mm=spacing_zyx_mm,
+        gradient_checkpointing=gradient_checkpointing,
     )
-    config = {
-        "implementation": "dynamic_network_architectures.PlainConvUNet",
-        "features_per_stage": features,
-        "n_conv_per_stage": n_convs,
-        "n_conv_per_stage_decoder": [spec.decoder_convs] * (n - 1),
-        **_topology_config(topology, spacing_zyx_mm),
-    }
-    return _dna_backbone(net, topology, features, config)
 
 
 def build_resenc_unet(
@@ -202,33 +227,14 @@ def build_resenc_unet(
     gradient_checkpointing: bool = False,
 ) -> Backbone:
     """Residual-encoder U-Net (dna ``ResidualEncoderUNet``, BasicBlockD): residual encoder, plain decoder."""
-    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
-
-    _check_size(size, "resenc_unet")
-    _no_checkpointing(gradient_checkpointing, "resenc_unet")
-    spec = RESENC_SIZES[size]
-    topology = plan_unet_topology(patch_size_zyx, spacing_zyx_mm, max_pools=spec.max_pools)
-    _check_divisible(patch_size_zyx, topology.divisible_by_zyx, "resenc_unet")
-    n = topology.n_stages
-    features = spec.features(n)
-    n_blocks = spec.units(n)
-    net = ResidualEncoderUNet(
-        input_channels=in_channels,
-        n_stages=n,
-        features_per_stage=features,
-        n_blocks_per_stage=n_blocks,
-        num_classes=1,  # placeholder: the seg layers are replaced by MultiTalent head groups
-        n_conv_per_stage_decoder=[spec.decoder_convs] * (n - 1),
-        **_dna_common_kwargs(topology),
+    return _build_dna_unet(
+        "resenc_unet",
+        size=size,
+        in_channels=in_channels,
+        patch_size_zyx=patch_size_zyx,
+        spacing_zyx_mm=spacing_zyx_mm,
+        gradient_checkpointing=gradient_checkpointing,
     )
-    config = {
-        "implementation": "dynamic_network_architectures.ResidualEncoderUNet",
-        "features_per_stage": features,
-        "n_blocks_per_stage": n_blocks,
-        "n_conv_per_stage_decoder": [spec.decoder_convs] * (n - 1),
-        **_topology_config(topology, spacing_zyx_mm),
-    }
-    return _dna_backbone(net, topology, features, config)
 
 
 def build_swin_unetr(
