@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job end to end on embedded defaults: the phantom CT collection -> preprocessed shards ->
+# a tiny MultiTalent trained on 2 CPU workers (local Ray, DeepSpeed, MLflow in sqlite).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+.venv/bin/multitalent convert jobs/convert.yaml "$@"
+.venv/bin/multitalent train jobs/demo_cpu.yaml
+echo
+echo "MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/runs/demo-cpu/mlflow.db"
