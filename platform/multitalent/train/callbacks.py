@@ -260,7 +260,10 @@ class Checkpointing:
 
     def on_end(self, trainer: Trainer) -> None:
         if trainer.stop_reason:
-            trainer.report({**self._metrics(trainer, None), "stop_reason": trainer.stop_reason})
+            # Ray's result only carries metrics of checkpoints, so the stop is reported with one (the
+            # weights are sound: skipped iterations never reached the optimizer).
+            trainer.state.stop_reason = trainer.stop_reason
+            trainer.save_checkpoint({**self._metrics(trainer, None), "stop_reason": trainer.stop_reason})
         elif trainer.last_checkpoint_iteration != trainer.state.iteration:
             trainer.save_checkpoint(self._metrics(trainer, None))
 

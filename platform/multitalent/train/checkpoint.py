@@ -55,6 +55,7 @@ class TrainerState:
     schedule: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     attempt: str = ""
+    stop_reason: str | None = None  # set in the checkpoint a stopped launch leaves behind
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[iteration, value]]
 
     def to_json(self) -> str:

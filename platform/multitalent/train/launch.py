@@ -62,7 +62,7 @@ def tracking_uri(job: TrainJob) -> str:
     return job.tracking.uri or f"sqlite:///{job.run_dir / 'mlflow.db'}"
 
 
-def _result_from_checkpoint(ray_result: Any, job: TrainJob, stop_reason: str | None) -> TrainResult:
+def _result_from_checkpoint(ray_result: Any, job: TrainJob) -> TrainResult:
     run_dir = job.run_dir
     folder: Path | None = None
     if ray_result is not None and getattr(ray_result, "checkpoint", None) is not None:
@@ -90,7 +90,7 @@ def _result_from_checkpoint(ray_result: Any, job: TrainJob, stop_reason: str | N
         skipped_nonfinite=state.skipped_nonfinite,
         loss_iterations=its,
         losses=losses,
-        stop_reason=stop_reason,
+        stop_reason=state.stop_reason,
     )
 
 
@@ -128,11 +128,9 @@ def run_training(job: TrainJob, *, address: str | None = None) -> TrainResult:
         ray_result = trainer.fit()
     if getattr(ray_result, "error", None) is not None:
         raise RuntimeError(f"training of {run_dir} failed: {ray_result.error}") from ray_result.error
-    metrics = dict(getattr(ray_result, "metrics", None) or {})
-    stop_reason = metrics.get("stop_reason") or None
-    result = _result_from_checkpoint(ray_result, job, stop_reason)
-    if stop_reason:
-        raise NonFiniteLossError(f"{run_dir}: training stopped: {stop_reason}")
+    result = _result_from_checkpoint(ray_result, job)
+    if result.stop_reason:
+        raise NonFiniteLossError(f"{run_dir}: training stopped: {result.stop_reason}")
     return result
 
 

@@ -178,6 +178,7 @@ class Trainer:
             torch.set_rng_state(torch.load(rng, weights_only=True))
         self.state = state
         self.state.attempt = self.attempt
+        self.state.stop_reason = None
         iterations, losses = load_history(folder)
         self.loss_iterations, self.losses = iterations.tolist(), losses.tolist()
         self.resumed_from = folder
@@ -294,12 +295,6 @@ class Trainer:
                 checkpoint_dir_name=name,
             )
         self.last_checkpoint_iteration = self.state.iteration
-
-    def report(self, metrics: dict[str, Any]) -> None:
-        """Metrics without a checkpoint (every rank must call it)."""
-        import ray.train
-
-        ray.train.report({**metrics, "iteration": self.state.iteration})
 
 
 def _augment(inputs: StepInputs, plan: AugmentPlan, generator: torch.Generator) -> StepInputs:
