@@ -165,6 +165,7 @@ class Tracking:
             return
         i = result.iteration
         if (i + 1) % trainer.job.tracking.log_every == 0 or result.skipped:
+            # Wall clock between log points: data waits, validation and checkpoints included.
             now = time.perf_counter()
             seconds = max(now - self.window_start, 1e-9)
             metrics = {

@@ -7,6 +7,9 @@ count): under ZeRO-3 a forward pass is collective. The ranks' counts are summed 
 and rank 0 reports per class/dataset/group Dice (:class:`multitalent.evaluation.DiceAccumulator`) and
 renders one overlay PNG per dataset from that dataset's first validation patch (every rank runs those
 forward passes too, for the same reason).
+
+Validation reads the per-case Zarr stores of the collection (the converter always writes them), also
+when training streams the WebDataset shards.
 """
 
 from __future__ import annotations
