@@ -96,11 +96,8 @@ class Trainer:
             config=self.ds_config,
             use_gpu=worker.use_gpu,
         )
-        self.dtype = (
-            torch.bfloat16
-            if resolve_precision(job.precision, use_gpu=worker.use_gpu) == "bf16"
-            else (torch.float32)
-        )
+        bf16 = resolve_precision(job.precision, use_gpu=worker.use_gpu) == "bf16"
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.objective = MultiTalentObjective(self.catalog, n_levels=output_levels(model)).to(self.device)
         self.lut = torch.as_tensor(self.catalog.region_lut(), device=self.device)
         self.reduce = None
