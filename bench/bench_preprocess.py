@@ -35,8 +35,6 @@ SHAPE_XYZ = (512, 512, 200)
 SPACING_XYZ = (0.8, 0.8, 2.5)
 TARGET_ZYX = (1.5, 1.0, 1.0)
 LABELS = {1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney", 5: "aorta"}
-CHUNKS_IMAGE = (64, 64, 64)
-CHUNKS_LABEL = (64, 64, 64)
 
 
 # ------------------------------------------------------------------------------ synthetic case
@@ -105,11 +103,9 @@ def dir_bytes(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------ ours
 def run_ours(image: np.ndarray, label: np.ndarray, affine: np.ndarray, out: Path) -> dict[str, Any]:
-    import zarr
-    from zarr.codecs import BloscCodec, BloscShuffle
-
     from multitalent.catalog import Catalog, DatasetSpec
     from multitalent.preprocess import Plan, preprocess_case
+    from multitalent.shards import write_case_zarr
 
     dataset = DatasetSpec.from_dict(
         {"id": "bench", "layout": "nnunet_v2", "labels": {str(k): v for k, v in LABELS.items()}}
@@ -118,17 +114,10 @@ def run_ours(image: np.ndarray, label: np.ndarray, affine: np.ndarray, out: Path
     t0 = time.perf_counter()
     case = preprocess_case(image, label, affine, plan=plan, dataset=dataset, seed_key="bench/case_0000")
     t1 = time.perf_counter()
-    store = out / "case_0000.zarr"
-    group = zarr.open_group(store, mode="w", zarr_format=3)
-    codec = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)
-    for name, data, chunks in (
-        ("image", case.image_zyx, CHUNKS_IMAGE),
-        ("label", case.label_zyx, CHUNKS_LABEL),
-        ("fg_locations", case.fg_locations, (max(1, len(case.fg_locations)), 4)),
-    ):
-        arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=codec)
-        arr[...] = data
-    group.attrs["geometry"] = case.geometry
+    # The converter's own writer and layout (multitalent.shards.DEFAULT_LAYOUT), so the bytes are what a
+    # conversion stores.
+    record = write_case_zarr(out, case, dataset_id="bench", case_id="case_0000")
+    store = out / record.zarr_path
     t2 = time.perf_counter()
     return {
         "case": case,
