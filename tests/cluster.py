@@ -199,8 +199,10 @@ class LocalRayCluster:
         return found
 
     def stop(self, *, grace_s: float = 3.0) -> None:
-        """End every process of this cluster: SIGTERM, then SIGKILL after ``grace_s``."""
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        """End every process of this cluster: SIGTERM, then SIGKILL after ``grace_s``, repeated until
+        none is left (a raylet may fork a worker while it is being stopped)."""
+        signals = [(signal.SIGTERM, grace_s)] + [(signal.SIGKILL, 2.0)] * 5
+        for sig, wait_s in signals:
             procs = self.processes()
             for pgid in self.session_pgids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -208,8 +210,8 @@ class LocalRayCluster:
             for proc in procs:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     proc.send_signal(sig)
-            _, alive = psutil.wait_procs(procs, timeout=wait_s)
-            if not alive and not self.processes():
+            psutil.wait_procs(procs, timeout=wait_s)
+            if not self.processes():
                 break
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -126,18 +126,20 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_in_the_same_mlflow_run(
                 time.monotonic() < deadline and driver.poll() is None and not _complete_checkpoints(run_dir)
             ):
                 time.sleep(0.2)
+            assert _complete_checkpoints(run_dir), f"no checkpoint appeared:\n{log.read_text()[-3000:]}"
             time.sleep(0.7)
             workers = two_nodes.processes_titled("ray::RayTrainWorker")
             assert len(workers) == 2, f"expected 2 training workers:\n{log.read_text()[-3000:]}"
-            last_complete = max(_complete_checkpoints(run_dir))
+            newest_before = max(_complete_checkpoints(run_dir))
             _rank0_worker(workers, run_dir).send_signal(signal.SIGKILL)
+            newest_after = max(_complete_checkpoints(run_dir))  # one may have completed meanwhile
             rc = driver.wait(timeout=240)
         finally:
             if driver.poll() is None:
                 driver.kill()
     output = log.read_text()
     assert rc == 0, output[-4000:]
-    assert last_complete < TOTAL_ITERATIONS  # the kill really happened mid-run
+    assert newest_after < TOTAL_ITERATIONS  # the kill really happened mid-run
 
     # The run finished with counters restored, not recounted: each iteration once in the history.
     final, state = _final_state(run_dir)
@@ -154,14 +156,17 @@ def test_sigkilled_worker_resumes_from_last_checkpoint_in_the_same_mlflow_run(
     resumed = {k: v for k, v in run.data.tags.items() if k.startswith("multitalent.resumed.")}
     assert len(resumed) == 1, run.data.tags
     resumed_from = parse_dir_name(next(iter(resumed.values())))
-    assert resumed_from == last_complete
-    # From the resume point on, MLflow has every iteration's loss once. (Points rank 0 had buffered
-    # but not sent when it was killed are lost; see the report: the tracker is not flushed at
-    # checkpoints.)
+    assert resumed_from is not None and newest_before <= resumed_from <= newest_after
+    # From the resume point on, MLflow has every iteration's loss; an iteration appears twice only if
+    # the killed attempt had already sent it (at most the one interval that was repeated). Points the
+    # killed rank 0 had buffered but not yet sent are lost: the tracker flushes every 10 s, not at
+    # checkpoints, so iterations before the resume point can be missing from MLflow (they are in the
+    # checkpoint's history.npz, checked above).
     history = client.get_metric_history(run.info.run_id, "train/loss")
     steps = sorted(m.step for m in history)
-    after = [s for s in steps if s >= resumed_from]
-    assert after == list(range(resumed_from, TOTAL_ITERATIONS)), steps
+    assert sorted({s for s in steps if s >= resumed_from}) == list(range(resumed_from, TOTAL_ITERATIONS)), (
+        steps
+    )
     assert len(steps) - len(set(steps)) <= CHECKPOINT_EVERY, steps
 
 
