@@ -184,6 +184,10 @@ class Tracking:
             trainer.state.curves.setdefault("train/epoch_loss", []).append([i + 1, epoch_loss])
         if _epoch_end(trainer, i):
             self.epoch_losses = []
+        if (i + 1) % trainer.job.checkpoint.every_iterations == 0 or _epoch_end(trainer, i):
+            # A checkpoint follows: send what is buffered, so a worker lost before the next flush loses
+            # no metric the checkpoint already covers (a restart resumes after that checkpoint).
+            self.tracker.flush(force=True)
         if trainer.state.mlflow_run_id is None:
             self._remember_run_id(trainer)
 
