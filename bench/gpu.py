@@ -134,9 +134,15 @@ def bench_train(
     counted = build_network(arch, catalog.classes_per_dataset(), size=size, patch_size_zyx=patch)
     flops = count_forward_macs(counted, batch_size=batch).flops
     del counted
-    net = build_network(arch, catalog.classes_per_dataset(), size=size, patch_size_zyx=patch).to(device)
+    swin = arch == "swin_unetr"  # the paper trains it with AdamW 5e-4 and gradient checkpointing
+    net = build_network(
+        arch, catalog.classes_per_dataset(), size=size, patch_size_zyx=patch, gradient_checkpointing=swin
+    ).to(device)
     params = sum(p.numel() for p in net.parameters())
-    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    if swin:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=3e-5)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     g = torch.Generator().manual_seed(0)
     image = torch.randn(batch, 1, *patch, device=device)
     ds = torch.arange(batch, device=device) % len(catalog.datasets)
@@ -218,6 +224,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny sizes: check the script on a CPU")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default="")
+    parser.add_argument("--archs", default="unet,resenc_unet,swin_unetr")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as a training run would: fixed patch shapes
@@ -233,8 +240,7 @@ def main() -> None:
     bench_augment(device, patch, args.reps)
     size = "tiny" if args.small else "paper"
     results = {
-        arch: bench_train(device, catalog, arch, patch, 2, args.reps, size)
-        for arch in ("unet", "resenc_unet")
+        arch: bench_train(device, catalog, arch, patch, 2, args.reps, size) for arch in args.archs.split(",")
     }
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": ROWS, "results": results}, indent=1))
