@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and timings in one run (device machine: torch with CUDA present, no network).
-# Carries .whl/ (dynamic-network-architectures wheel); see docs/benchmarks.md for the recorded results.
+# Carries .whl/ (wheels of dynamic-network-architectures 0.4.4 and monai 1.6.1, fetched with `pip download`,
+# see the device notes); results are recorded in docs/benchmarks.md ("GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
