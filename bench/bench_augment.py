@@ -39,21 +39,9 @@ try:
 except ImportError:  # a bare checkout (GPU machine): use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx
+from multitalent.data.augment import AugmentConfig, all_on_config, augment_batch, read_shape_zyx
 
-ALL_ON = AugmentConfig(
-    p_rotation=1.0,
-    p_scaling=1.0,
-    p_noise=1.0,
-    p_blur=1.0,
-    blur_p_per_channel=1.0,
-    p_brightness=1.0,
-    p_contrast=1.0,
-    p_lowres=1.0,
-    lowres_p_per_channel=1.0,
-    p_gamma_inverted=1.0,
-    p_gamma=1.0,
-)
+ALL_ON = all_on_config()
 
 
 def synthetic_batch(

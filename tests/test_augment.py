@@ -4,6 +4,7 @@ parameter drawing, and the preview rendering."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from multitalent.data.augment import (
     AugmentConfig,
     AugmentParams,
+    all_on_config,
     augment_batch,
     identity_config,
     read_shape_zyx,
@@ -25,33 +27,8 @@ from multitalent.data.augment_intensity import _std_mean, gaussian_kernels
 from multitalent.data.augment_spatial import affine_grid
 from multitalent.data.preview import render_grid, run
 
-ALL_ON = AugmentConfig(
-    p_rotation=1.0,
-    p_scaling=1.0,
-    p_noise=1.0,
-    p_blur=1.0,
-    blur_p_per_channel=1.0,
-    p_brightness=1.0,
-    p_contrast=1.0,
-    p_lowres=1.0,
-    lowres_p_per_channel=1.0,
-    p_gamma_inverted=1.0,
-    p_gamma=1.0,
-)
-INTENSITY_ONLY = AugmentConfig(
-    p_rotation=0.0,
-    p_scaling=0.0,
-    p_mirror_zyx=(0.0, 0.0, 0.0),
-    p_noise=1.0,
-    p_blur=1.0,
-    blur_p_per_channel=1.0,
-    p_brightness=1.0,
-    p_contrast=1.0,
-    p_lowres=1.0,
-    lowres_p_per_channel=1.0,
-    p_gamma_inverted=1.0,
-    p_gamma=1.0,
-)
+ALL_ON = all_on_config()
+INTENSITY_ONLY = dataclasses.replace(ALL_ON, p_rotation=0.0, p_scaling=0.0, p_mirror_zyx=(0.0, 0.0, 0.0))
 
 
 def _gen(seed: int = 0) -> torch.Generator:

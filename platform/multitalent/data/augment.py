@@ -126,6 +126,24 @@ def identity_config() -> AugmentConfig:
     )
 
 
+def all_on_config() -> AugmentConfig:
+    """Every transform applied to every sample (mirroring keeps its default per-axis probability):
+    for tests, previews and worst-case timings."""
+    return AugmentConfig(
+        p_rotation=1.0,
+        p_scaling=1.0,
+        p_noise=1.0,
+        p_blur=1.0,
+        blur_p_per_channel=1.0,
+        p_brightness=1.0,
+        p_contrast=1.0,
+        p_lowres=1.0,
+        lowres_p_per_channel=1.0,
+        p_gamma_inverted=1.0,
+        p_gamma=1.0,
+    )
+
+
 @dataclass
 class AugmentParams:
     """Every random decision of one batch; CPU tensors, ``b`` = sample, ``c`` = image channel.
