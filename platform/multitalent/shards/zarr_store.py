@@ -76,8 +76,8 @@ class ZarrLayout:
     """
 
     # Chosen for the training read: the loader reads an enlarged patch (210x308x308 for 96x192x192)
-    # so that rotations stay inside real data; 64x128x128 lz4 chunks read it ~1.9x faster than 64^3
-    # zstd-3 at +20 % bytes (docs/benchmarks.md, "Shards").
+    # so that rotations stay inside real data; 64x128x128 lz4 chunks read it ~1.26x faster than 64^3
+    # zstd-3 at +24 % bytes (bench/bench_read_layouts.py; docs/benchmarks.md, "Shards").
     chunks_zyx: tuple[int, int, int] = (64, 128, 128)
     image_codec: str = "blosc:lz4:5:bitshuffle"
     label_codec: str = "blosc:zstd:3:bitshuffle"
