@@ -103,37 +103,23 @@ def _ensure_shards(path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ bare loops
 class _Parts:
-    """Network, objective, optimizer and batches built exactly as a platform worker builds them."""
+    """Network, objective, optimizer and batches from :func:`multitalent.train.components.assemble`,
+    the function a platform worker builds them with."""
 
     def __init__(self, cfg: Config) -> None:
-        import torch
-
-        from multitalent.train.batches import AugmentPlan, StepBatches
-        from multitalent.train.components import build_model, load_data_setup, output_levels, zarr_source
-        from multitalent.train.schedule import PolySchedule, build_optimizer
-        from multitalent.train.step import MultiTalentObjective
+        from multitalent.train.components import assemble
 
         job = _job(cfg, name="bare", storage=OUT / "unused")
         self.job = job
-        setup = load_data_setup(job)
-        torch.manual_seed(job.run.seed)
-        self.model = build_model(job, setup.catalog, setup.spacing_zyx_mm)
-        self.objective = MultiTalentObjective(setup.catalog, n_levels=output_levels(self.model))
-        self.optimizer = build_optimizer(self.model.parameters(), job.optimiser)
-        s = job.schedule
-        self.schedule = PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent)
-        source = zarr_source(
-            job,
-            setup,
-            cases=setup.train_cases,
-            patch_zyx=cfg.patch_zyx,
-            batch_size=job.micro_batch,
-            rank=0,
-            world_size=1,
-        )
-        plan = AugmentPlan.make(enabled=False, where="device", patch_zyx=list(cfg.patch_zyx))
-        self.batches = StepBatches(source, start=0, stop=cfg.iterations, augment=plan)
+        run = assemble(job, rank=0, world_size=1)
+        self.model, self.objective, self.optimizer = run.model, run.objective, run.optimizer
+        self.schedule, self.deepspeed_config = run.schedule, run.deepspeed_config
+        self._run = run
         self.grad_clip = job.optimiser.grad_clip
+
+    def batch_at(self, iteration: int) -> Any:
+        _, batch = next(iter(self._run.batches(iteration, iteration + 1, loader_workers=0)))
+        return batch
 
 
 def _inputs(batch: Any) -> Any:
@@ -155,15 +141,13 @@ def bare_torch(cfg: Config, *, read_in_step: bool) -> Steps:
     import torch
 
     parts = _Parts(cfg)
-    cached = (
-        [] if read_in_step else [_inputs(parts.batches.batch_at(i)) for i in range(min(cfg.iterations, 16))]
-    )
+    cached = [] if read_in_step else [_inputs(parts.batch_at(i)) for i in range(min(cfg.iterations, 16))]
     model, opt = parts.model, parts.optimizer
     model.train()
     times, cpu = [], []
     for i in range(cfg.iterations):
         t0, c0 = time.perf_counter(), time.process_time()
-        inputs = _inputs(parts.batches.batch_at(i)) if read_in_step else cached[i % len(cached)]
+        inputs = _inputs(parts.batch_at(i)) if read_in_step else cached[i % len(cached)]
         parts.schedule.apply(opt, i)
         loss, _ = parts.objective(model, inputs)
         opt.zero_grad(set_to_none=True)
@@ -180,7 +164,6 @@ def deepspeed_engine(cfg: Config) -> Steps:
     """The same loop through a DeepSpeed engine (ZeRO-1, fp32) in a gloo group of one process."""
     import torch.distributed as dist
 
-    from multitalent.distributed.deepspeed_config import derive_deepspeed_config
     from multitalent.distributed.engine import build_engine
 
     if not dist.is_initialized():  # once per process: DeepSpeed keeps a handle on the group
@@ -198,10 +181,8 @@ def deepspeed_engine(cfg: Config) -> Steps:
         )
         dist.init_process_group("gloo", rank=0, world_size=1)
     parts = _Parts(cfg)
-    engine = build_engine(
-        parts.model, parts.optimizer, config=derive_deepspeed_config(parts.job), use_gpu=False
-    )
-    cached = [_inputs(parts.batches.batch_at(i)) for i in range(min(cfg.iterations, 16))]
+    engine = build_engine(parts.model, parts.optimizer, config=parts.deepspeed_config, use_gpu=False)
+    cached = [_inputs(parts.batch_at(i)) for i in range(min(cfg.iterations, 16))]
     times, cpu = [], []
     for i in range(cfg.iterations):
         t0, c0 = time.perf_counter(), time.process_time()

@@ -11,6 +11,7 @@ import torch
 
 from multitalent.distributed.deepspeed_config import (
     DeepSpeedConfigError,
+    DeepSpeedSettings,
     derive_deepspeed_config,
     resolve_precision,
 )
@@ -27,6 +28,7 @@ from multitalent.train.checkpoint import (
     verify_checkpoint,
     write_rank_manifest,
 )
+from multitalent.train.components import deepspeed_config
 from multitalent.train.job import TrainJob, load_train_job
 from multitalent.train.schedule import PolySchedule, build_optimizer
 
@@ -88,13 +90,13 @@ def test_tiny_job_extends_pretrain_and_overrides_only_what_it_sets():
 
 # ----------------------------------------------------------------------------- DeepSpeed config
 def test_deepspeed_config_is_derived_from_the_job():
-    gpu = derive_deepspeed_config(load_train_job(PRETRAIN, ["zero_stage=2"]))
+    gpu = deepspeed_config(load_train_job(PRETRAIN, ["zero_stage=2"]))
     assert gpu["train_micro_batch_size_per_gpu"] == 2 and gpu["train_batch_size"] == 4
     assert gpu["gradient_accumulation_steps"] == 1 and gpu["gradient_clipping"] == 12.0
     assert gpu["zero_optimization"] == {"stage": 2} and gpu["bf16"] == {"enabled": True}
     assert gpu["zero_allow_untested_optimizer"] is True
     assert "optimizer" not in gpu and "scheduler" not in gpu
-    cpu = derive_deepspeed_config(
+    cpu = deepspeed_config(
         load_train_job(PRETRAIN, ["workers.use_gpu=false", "workers.resources_per_worker=null"])
     )
     assert cpu["bf16"] == {"enabled": False}
@@ -109,7 +111,7 @@ def test_deepspeed_passthrough_adds_options_that_are_not_derived():
     job = load_train_job(
         PRETRAIN, ["deepspeed.zero_optimization.overlap_comm=true", "deepspeed.prescale_gradients=false"]
     )
-    config = derive_deepspeed_config(job)
+    config = deepspeed_config(job)
     assert config["zero_optimization"] == {"stage": 1, "overlap_comm": True}
     assert config["prescale_gradients"] is False
 
@@ -131,14 +133,31 @@ def test_deepspeed_passthrough_adds_options_that_are_not_derived():
 def test_deriving_a_value_twice_is_an_error_naming_the_key(override, key, source):
     job = load_train_job(PRETRAIN, [override])
     with pytest.raises(DeepSpeedConfigError, match=rf"{key}: derived from the job \({source}"):
-        derive_deepspeed_config(job)
+        deepspeed_config(job)
+
+
+def test_deepspeed_settings_are_plain_values_without_a_job():
+    settings = DeepSpeedSettings(global_batch=8, micro_batch=2, grad_clip=1.0, zero_stage=3, precision="bf16")
+    config = derive_deepspeed_config(settings)
+    assert config["train_batch_size"] == 8 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["zero_optimization"] == {"stage": 3} and config["bf16"] == {"enabled": True}
+    with pytest.raises(DeepSpeedConfigError, match=r"gradient_clipping: derived from the job \(grad_clip"):
+        derive_deepspeed_config(
+            DeepSpeedSettings(
+                global_batch=8,
+                micro_batch=2,
+                grad_clip=1.0,
+                zero_stage=1,
+                passthrough={"gradient_clipping": 2},
+            )
+        )
 
 
 @pytest.mark.parametrize("section", ["optimizer", "scheduler", "fp16"])
 def test_trainer_owned_sections_are_refused(section):
     job = load_train_job(PRETRAIN, [f"deepspeed.{section}.type=x"])
     with pytest.raises(DeepSpeedConfigError, match=rf"deepspeed\.{section}: not allowed"):
-        derive_deepspeed_config(job)
+        deepspeed_config(job)
 
 
 # ----------------------------------------------------------------------------- schedule, optimiser

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from multitalent.distributed.deepspeed_config import derive_deepspeed_config
 from multitalent.distributed.engine import build_engine, full_state_dict
+from multitalent.train.components import deepspeed_config
 from multitalent.train.job import load_train_job
 from multitalent.train.schedule import PolySchedule, build_optimizer
 
@@ -53,7 +53,7 @@ def test_the_scheduled_rate_reaches_the_optimizer(process_group, stage):
     engine = build_engine(
         model,
         build_optimizer(model.parameters(), job.optimiser),
-        config=derive_deepspeed_config(job),
+        config=deepspeed_config(job),
         use_gpu=False,
     )
     schedule = PolySchedule(0.5, epochs=2, iterations_per_epoch=1, exponent=1.0)

@@ -71,6 +71,41 @@ def test_training_job_dry_runs_on_the_phantom_shards(path, phantom_shards, tmp_p
 
 
 @pytest.mark.slow
+def test_a_webdataset_job_dry_runs_its_webdataset_source(phantom_shards, tmp_path):
+    """The dry run builds the job's own source (the workers' assembly), not always a Zarr one."""
+    sets = [
+        f"run.storage_path={tmp_path}",
+        f"shards.path={phantom_shards}",
+        "architecture.patch_zyx=[16,32,32]",
+    ]
+    zarr = dry_run(load_train_job(REPO / "jobs" / "pretrain_cpu_tiny.yaml", sets))
+    wds = dry_run(
+        load_train_job(REPO / "jobs" / "pretrain_cpu_tiny.yaml", [*sets, "shards.source=webdataset"])
+    )
+    assert wds.warnings == [] and wds.batch_shape == zarr.batch_shape
+    assert wds.batch_shape is not None and wds.batch_shape[:2] == (1, 1)
+    assert "from webdataset" in wds.text() and "from zarr" in zarr.text()
+    keys = [line for line in wds.text().splitlines() if line.startswith("batch ")]
+    make = webdataset_source_factory(
+        load_train_job(REPO / "jobs" / "pretrain_cpu_tiny.yaml", [*sets, "shards.source=webdataset"]),
+        load_data_setup(load_train_job(REPO / "jobs" / "pretrain_cpu_tiny.yaml", sets)),
+        patch_zyx=(16, 32, 32),
+        rank=0,
+        world_size=2,
+    )
+    first = next(iter(make(0)))  # the stream's first batch: the one the dry run showed
+    assert f"keys {first.keys}" in keys[0]
+    tuned = load_train_job(
+        REPO / "jobs" / "pretrain_cpu_tiny.yaml",
+        [*sets, "shards.source=webdataset", "data.webdataset.shuffle_buffer=3"],
+    )
+    source = webdataset_source_factory(
+        tuned, load_data_setup(tuned), patch_zyx=(16, 32, 32), rank=0, world_size=2
+    )(0)
+    assert source.shuffle_buffer == 3  # the job file reaches the stream
+
+
+@pytest.mark.slow
 def test_cli_dry_run_prints_the_resolved_job_and_the_components(phantom_shards, tmp_path):
     out = subprocess.run(
         [

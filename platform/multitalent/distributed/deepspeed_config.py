@@ -1,19 +1,18 @@
-"""The DeepSpeed configuration, derived from the training job.
+"""The DeepSpeed configuration, derived from plain settings (:class:`DeepSpeedSettings`).
 
-Each value has exactly one source: the job's fields. The job's ``deepspeed:`` section passes other
-DeepSpeed options through (e.g. ``zero_optimization.overlap_comm``), but a key that is already derived
-from the job is an error naming the key and the job field to set instead: a second source of the same
-value would silently win or lose depending on merge order.
+Each value has exactly one source: the settings, which the caller fills from its job file
+(:func:`multitalent.train.components.deepspeed_settings`). A pass-through mapping adds other
+DeepSpeed options (e.g. ``zero_optimization.overlap_comm``), but a key that is already derived is an
+error naming the key and the setting that owns it: a second source of the same value would silently
+win or lose depending on merge order.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from multitalent.train.job import TrainJob
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16"]
 
@@ -39,33 +38,57 @@ def resolve_precision(precision: str, *, use_gpu: bool) -> Precision:
     return precision  # type: ignore[return-value]
 
 
-def derived_config(job: TrainJob) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(config, sources)``: the derived DeepSpeed values and, per dotted key, the job field it
-    comes from."""
-    precision = resolve_precision(job.precision, use_gpu=job.workers.use_gpu)
+# The setting each derived key comes from, for error messages; a caller with its own names for
+# them (a job file) passes ``DeepSpeedSettings.owners``.
+DERIVED_KEYS = {
+    "train_batch_size": "global_batch",
+    "train_micro_batch_size_per_gpu": "micro_batch",
+    "gradient_accumulation_steps": "(always 1)",
+    "gradient_clipping": "grad_clip",
+    "zero_optimization.stage": "zero_stage",
+    "bf16.enabled": "precision",
+    "zero_allow_untested_optimizer": "(always true: the trainer passes a torch optimizer)",
+    "steps_per_print": "(never: the trainer logs; DeepSpeed's own prints are noise)",
+    "wall_clock_breakdown": "(always false)",
+}
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What the DeepSpeed configuration is derived from.
+
+    ``precision`` is ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``; ``passthrough`` is merged
+    on top (derived keys are errors); ``owners`` maps a derived dotted key to the name of the setting
+    that owns it in the caller's configuration (defaults: :data:`DERIVED_KEYS`).
+    """
+
+    global_batch: int
+    micro_batch: int
+    grad_clip: float
+    zero_stage: int
+    precision: str = "auto"
+    use_gpu: bool = False
+    passthrough: Mapping[str, Any] = field(default_factory=dict)
+    owners: Mapping[str, str] = field(default_factory=dict)
+
+
+def derived_config(settings: DeepSpeedSettings) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(config, owners)``: the derived DeepSpeed values and, per dotted key, the setting it comes
+    from."""
+    precision = resolve_precision(settings.precision, use_gpu=settings.use_gpu)
     config: dict[str, Any] = {
-        "train_batch_size": job.batch.global_size,
-        "train_micro_batch_size_per_gpu": job.micro_batch,
+        "train_batch_size": settings.global_batch,
+        "train_micro_batch_size_per_gpu": settings.micro_batch,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": job.optimiser.grad_clip,
-        "zero_optimization": {"stage": job.zero_stage},
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": {"stage": settings.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own prints are noise
+        # Print every 2**31 - 1 steps, i.e. never: the trainer logs.
+        "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    sources = {
-        "train_batch_size": "batch.global_size",
-        "train_micro_batch_size_per_gpu": "batch.global_size / workers.num_workers",
-        "gradient_accumulation_steps": "(always 1)",
-        "gradient_clipping": "optimiser.grad_clip",
-        "zero_optimization.stage": "zero_stage",
-        "bf16.enabled": "precision",
-        "zero_allow_untested_optimizer": "(always true: the trainer passes a torch optimizer)",
-        "steps_per_print": "tracking.log_every",
-        "wall_clock_breakdown": "(always false)",
-    }
-    return config, sources
+    return config, {**DERIVED_KEYS, **settings.owners}
 
 
 def _merge_passthrough(
@@ -91,12 +114,12 @@ def _merge_passthrough(
             config[key] = copy.deepcopy(value)
 
 
-def derive_deepspeed_config(job: TrainJob) -> dict[str, Any]:
-    """The DeepSpeed config dict of ``job`` (see the module docstring).
+def derive_deepspeed_config(settings: DeepSpeedSettings) -> dict[str, Any]:
+    """The DeepSpeed config dict of ``settings`` (see the module docstring).
 
     Raises:
-        DeepSpeedConfigError: the ``deepspeed:`` section sets a derived or trainer-owned key.
+        DeepSpeedConfigError: the pass-through sets a derived or trainer-owned key.
     """
-    config, sources = derived_config(job)
-    _merge_passthrough(config, job.deepspeed, sources)
+    config, owners = derived_config(settings)
+    _merge_passthrough(config, settings.passthrough, owners)
     return config

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from multitalent.catalog import Catalog
 
 PLAN_VERSION = 1
+DEFAULT_SPACING_ZYX_MM = (1.5, 1.0, 1.0)
 SOURCES = ("collection", "fixed")
 _INT16 = (-32768, 32767)
 

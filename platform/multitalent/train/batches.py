@@ -44,11 +44,14 @@ class AugmentPlan:
     in_loader: bool
 
     @classmethod
-    def make(cls, *, enabled: bool, where: str, patch_zyx: Sequence[int]) -> AugmentPlan:
+    def make(
+        cls, *, enabled: bool, where: str, patch_zyx: Sequence[int], config: AugmentConfig | None = None
+    ) -> AugmentPlan:
+        """``config`` defaults to :class:`AugmentConfig`'s defaults."""
         z, y, x = (int(p) for p in patch_zyx)
         if not enabled:
             return cls(None, (z, y, x), (z, y, x), False)
-        config = AugmentConfig()
+        config = config or AugmentConfig()
         return cls(config, (z, y, x), read_shape_zyx((z, y, x), config), where == "loader")
 
     def apply(self, batch: Batch, generator: torch.Generator) -> Batch:

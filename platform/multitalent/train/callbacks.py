@@ -1,8 +1,11 @@
-"""What happens around the training step: tracking, validation, checkpoint cadence.
+"""What happens around the training step: validation, tracking, checkpoints, test-time faults.
 
-Each callback has ``on_start(trainer)``, ``on_step_end(trainer, result)`` and ``on_end(trainer)`` and
-never changes the math. Order matters at epoch ends: validation, then logging (its curves include the
-new Dice), then the checkpoint (its reported metrics include them too).
+A callback implements :class:`Callback` (``on_start``, ``on_step_start``, ``on_step_end``, ``on_end``;
+:class:`CallbackBase` gives no-op defaults) and never changes the math. Callbacks do not know each
+other: they read the trainer (``trainer.cadence`` says when something is due, ``trainer.validation``
+holds the latest validation pass, ``trainer.state`` the checkpointed counters). Order matters at epoch
+ends only in that :class:`Validation` fills ``trainer.validation`` before :class:`Tracking` logs it and
+:class:`Checkpointing` reports it (:func:`callbacks_for` returns them in that order).
 
 Collective work (validation forward passes, checkpoint saving, Ray reports) runs on every rank at the
 same iterations; MLflow calls run on rank 0 only.
@@ -14,7 +17,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -22,11 +25,31 @@ from multitalent.train.checkpoint import RUN_ID_FILE
 
 if TYPE_CHECKING:
     from multitalent.tracking import Tracker
+    from multitalent.train.job import TrainJob
     from multitalent.train.loop import StepResult, Trainer
 
 
-def _epoch_end(trainer: Trainer, iteration: int) -> bool:
-    return (iteration + 1) % trainer.job.schedule.iterations_per_epoch == 0
+class Callback(Protocol):
+    def on_start(self, trainer: Trainer) -> None: ...
+    def on_step_start(self, trainer: Trainer, iteration: int, batch: Any) -> None: ...
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None: ...
+    def on_end(self, trainer: Trainer) -> None: ...
+
+
+class CallbackBase:
+    """No-op implementations of every :class:`Callback` method."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_start(self, trainer: Trainer, iteration: int, batch: Any) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        pass
+
+    def on_end(self, trainer: Trainer) -> None:
+        pass
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -36,14 +59,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class Validation:
-    """Every ``validation.every_epochs`` epochs and at the last epoch: Dice on the fold's patches."""
+class Validation(CallbackBase):
+    """When ``trainer.cadence.validation_due``: Dice on the fold's fixed patches, stored in
+    ``trainer.validation``."""
 
-    def __init__(self, tracking: Tracking) -> None:
-        self.tracking = tracking
+    def __init__(self) -> None:
         self.validator: Any = None
-        self.last: dict[str, float] = {}
-        self.ran_at = -1  # iterations done at the latest pass
 
     def on_start(self, trainer: Trainer) -> None:
         job = trainer.job
@@ -56,7 +77,7 @@ class Validation:
             job,
             trainer.setup,
             cases=trainer.setup.val_cases,
-            patch_zyx=tuple(job.architecture.patch_zyx),  # type: ignore[arg-type]
+            patch_zyx=trainer.augment.patch_zyx,
             batch_size=job.micro_batch,
             rank=trainer.rank,
             world_size=trainer.world_size,
@@ -72,13 +93,12 @@ class Validation:
         )
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        from multitalent.train.loop import ValidationResult
+
         i = result.iteration
-        if self.validator is None or trainer.stop_reason or not _epoch_end(trainer, i):
+        if self.validator is None or trainer.stop_reason or not trainer.cadence.validation_due(i):
             return
-        epoch = (i + 1) // trainer.job.schedule.iterations_per_epoch  # epochs done
-        last = i + 1 == trainer.job.schedule.total_iterations
-        if epoch % trainer.job.validation.every_epochs and not last:
-            return
+        epoch = trainer.cadence.epochs_done(i)
         engine = trainer.engine
         engine.eval()
         try:
@@ -87,17 +107,12 @@ class Validation:
             )
         finally:
             engine.train()
-        self.last, self.ran_at = outcome.metrics, i + 1
-        if trainer.rank == 0:
-            self.tracking.on_validation(trainer, i + 1, outcome.metrics, outcome.overlays, epoch)
-
-    def on_end(self, trainer: Trainer) -> None:
-        pass
+        trainer.validation = ValidationResult(i + 1, epoch, outcome.metrics, outcome.overlays)
 
 
-class Tracking:
+class Tracking(CallbackBase):
     """Rank 0's MLflow run: job, plan, label space at start; loss, lr, samples/s and peak memory every
-    ``tracking.log_every`` iterations; validation Dice, overlays and curves at validation epochs."""
+    ``tracking.log_every`` iterations; validation Dice, overlays and curves after each validation."""
 
     def __init__(self) -> None:
         self.tracker: Tracker | None = None
@@ -163,8 +178,8 @@ class Tracking:
         self.window_iterations += 1
         if trainer.rank != 0 or self.tracker is None:
             return
-        i = result.iteration
-        if (i + 1) % trainer.job.tracking.log_every == 0 or result.skipped:
+        i, cadence = result.iteration, trainer.cadence
+        if cadence.log_due(i) or result.skipped:
             # Wall clock between log points: data waits, validation and checkpoints included.
             now = time.perf_counter()
             seconds = max(now - self.window_start, 1e-9)
@@ -178,35 +193,33 @@ class Tracking:
                 metrics["train/loss"] = result.loss
             self.tracker.log_metrics(metrics, step=i)
             self.window_start, self.window_iterations = now, 0
-        if _epoch_end(trainer, i) and self.epoch_losses:
-            epoch_loss = sum(self.epoch_losses) / len(self.epoch_losses)
-            self.tracker.log_metrics({"train/epoch_loss": epoch_loss}, step=i)
-            trainer.state.curves.setdefault("train/epoch_loss", []).append([i + 1, epoch_loss])
-        if _epoch_end(trainer, i):
+        if cadence.epoch_end(i):
+            if self.epoch_losses:
+                epoch_loss = sum(self.epoch_losses) / len(self.epoch_losses)
+                self.tracker.log_metrics({"train/epoch_loss": epoch_loss}, step=i)
+                trainer.state.curves.setdefault("train/epoch_loss", []).append([i + 1, epoch_loss])
             self.epoch_losses = []
-        if (i + 1) % trainer.job.checkpoint.every_iterations == 0 or _epoch_end(trainer, i):
+        validation = trainer.validation
+        if validation is not None and validation.iteration == i + 1:
+            self._log_validation(trainer, validation)
+        if cadence.checkpoint_due(i):
             # A checkpoint follows: send what is buffered, so a worker lost before the next flush loses
             # no metric the checkpoint already covers (a restart resumes after that checkpoint).
             self.tracker.flush(force=True)
         if trainer.state.mlflow_run_id is None:
             self._remember_run_id(trainer)
 
-    def on_validation(
-        self,
-        trainer: Trainer,
-        iteration: int,
-        metrics: dict[str, float],
-        overlays: dict[str, Any],
-        epoch: int,
-    ) -> None:
-        if self.tracker is None:
-            return
-        self.tracker.log_metrics(metrics, step=iteration - 1)
+    def _log_validation(self, trainer: Trainer, validation: Any) -> None:
+        assert self.tracker is not None
+        metrics, step = validation.metrics, validation.iteration - 1
+        self.tracker.log_metrics(metrics, step=step)
         for name in ("val/dice_mean/class", "val/dice_mean/dataset"):
             if name in metrics:
-                trainer.state.curves.setdefault(name, []).append([iteration, metrics[name]])
-        for dataset_id, picture in overlays.items():
-            self.tracker.log_image(picture, f"validation/epoch_{epoch:04d}/overlay_{dataset_id}.png")
+                trainer.state.curves.setdefault(name, []).append([validation.iteration, metrics[name]])
+        for dataset_id, picture in validation.overlays.items():
+            self.tracker.log_image(
+                picture, f"validation/epoch_{validation.epoch:04d}/overlay_{dataset_id}.png"
+            )
         self.log_curves(trainer)
 
     def log_curves(self, trainer: Trainer) -> None:
@@ -235,14 +248,8 @@ def _read_run_id(run_dir: Path) -> str | None:
         return None
 
 
-class Checkpointing:
-    """Every ``checkpoint.every_iterations``, at epoch ends, and when the launch ends (all ranks)."""
-
-    def __init__(self, validation: Validation) -> None:
-        self.validation = validation
-
-    def on_start(self, trainer: Trainer) -> None:
-        pass
+class Checkpointing(CallbackBase):
+    """When ``trainer.cadence.checkpoint_due``, and when the launch ends (all ranks)."""
 
     def _metrics(self, trainer: Trainer, result: StepResult | None) -> dict[str, Any]:
         metrics: dict[str, Any] = {
@@ -252,15 +259,12 @@ class Checkpointing:
         }
         if result is not None and not result.skipped:
             metrics["loss"] = result.loss
-        if self.validation.ran_at == trainer.state.iteration:
-            metrics.update(self.validation.last)
+        if trainer.validation is not None and trainer.validation.iteration == trainer.state.iteration:
+            metrics.update(trainer.validation.metrics)
         return metrics
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
-        if trainer.stop_reason:
-            return
-        i = result.iteration
-        if (i + 1) % trainer.job.checkpoint.every_iterations == 0 or _epoch_end(trainer, i):
+        if not trainer.stop_reason and trainer.cadence.checkpoint_due(result.iteration):
             trainer.save_checkpoint(self._metrics(trainer, result))
 
     def on_end(self, trainer: Trainer) -> None:
@@ -273,8 +277,31 @@ class Checkpointing:
             trainer.save_checkpoint(self._metrics(trainer, None))
 
 
-def default_callbacks() -> list[Any]:
-    """Tracking, validation, checkpointing, in the order they must run."""
-    tracking = Tracking()
-    validation = Validation(tracking)
-    return [tracking, validation, Checkpointing(validation)]
+class FaultInjection(CallbackBase):
+    """Test-time faults (the job's ``debug:`` section): a NaN input image on rank 0 at the given
+    iterations (its loss becomes non-finite), and a sleep after every step (slows a run down so a test
+    can kill it mid-way)."""
+
+    def __init__(self, *, nan_input_at: list[int], sleep_per_iteration_s: float = 0.0) -> None:
+        self.nan_input_at = set(nan_input_at)
+        self.sleep_per_iteration_s = sleep_per_iteration_s
+
+    def on_step_start(self, trainer: Trainer, iteration: int, batch: Any) -> None:
+        if iteration in self.nan_input_at and trainer.rank == 0:
+            batch.image_bczyx.fill_(float("nan"))
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        if self.sleep_per_iteration_s:
+            time.sleep(self.sleep_per_iteration_s)
+
+
+def callbacks_for(job: TrainJob) -> list[Callback]:
+    """Validation, tracking and checkpointing in the order they must run, plus the job's
+    fault injection when its ``debug:`` section asks for one."""
+    callbacks: list[Callback] = [Validation(), Tracking(), Checkpointing()]
+    d = job.debug
+    if d.poison_loss_at or d.sleep_per_iteration_s:
+        callbacks.append(
+            FaultInjection(nan_input_at=d.poison_loss_at, sleep_per_iteration_s=d.sleep_per_iteration_s)
+        )
+    return callbacks

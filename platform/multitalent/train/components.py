@@ -1,17 +1,32 @@
-"""Building the parts of a training run from its job: data setup, network, sources.
+"""Building the parts of a training run from its job, once: :func:`assemble`.
 
-Shared by the worker loop and by ``--dry-run``, so a dry run builds exactly what a worker builds.
+The worker (:class:`multitalent.train.loop.Trainer`), ``--dry-run`` (:func:`multitalent.train.launch.dry_run`)
+and the overhead benchmark all call :func:`assemble`, so a dry run builds exactly what a worker builds.
+This module is also where the job file is translated into the plain settings of the lower layers
+(:class:`~multitalent.distributed.deepspeed_config.DeepSpeedSettings`,
+:class:`~multitalent.distributed.ray_launch.WorkerGroup`, the augmentation and source settings), so no
+lower layer knows the job.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multitalent.catalog import Catalog, load_catalog
 from multitalent.train.job import TrainJob
+
+if TYPE_CHECKING:
+    import torch
+
+    from multitalent.distributed.deepspeed_config import DeepSpeedSettings
+    from multitalent.distributed.ray_launch import WorkerGroup
+    from multitalent.train.batches import AugmentPlan
+    from multitalent.train.schedule import PolySchedule
+    from multitalent.train.step import MultiTalentObjective
 
 
 @dataclass(frozen=True)
@@ -140,8 +155,191 @@ def webdataset_source_factory(
             exponent=job.data.exponent,
             fg_fraction=job.data.fg_fraction,
             num_batches=job.schedule.iterations_per_epoch,
+            shuffle_buffer=job.data.webdataset.shuffle_buffer,
+            patches_per_case=job.data.webdataset.patches_per_case,
         )
         source.set_epoch(epoch)
         return source
 
     return make
+
+
+# ------------------------------------------------------------------------- job -> plain settings
+# The job field behind each derived DeepSpeed key, for error messages.
+_DEEPSPEED_OWNERS = {
+    "train_batch_size": "batch.global_size",
+    "train_micro_batch_size_per_gpu": "batch.global_size / workers.num_workers",
+    "gradient_clipping": "optimiser.grad_clip",
+    "zero_optimization.stage": "zero_stage",
+    "bf16.enabled": "precision",
+    "steps_per_print": "tracking.log_every",
+}
+
+
+def deepspeed_settings(job: TrainJob) -> DeepSpeedSettings:
+    from multitalent.distributed.deepspeed_config import DeepSpeedSettings
+
+    return DeepSpeedSettings(
+        global_batch=job.batch.global_size,
+        micro_batch=job.micro_batch,
+        grad_clip=job.optimiser.grad_clip,
+        zero_stage=job.zero_stage,
+        precision=job.precision,
+        use_gpu=job.workers.use_gpu,
+        passthrough=job.deepspeed,
+        owners=_DEEPSPEED_OWNERS,
+    )
+
+
+def deepspeed_config(job: TrainJob) -> dict[str, Any]:
+    """The job's DeepSpeed config (raises ``DeepSpeedConfigError`` naming a key derived twice)."""
+    from multitalent.distributed.deepspeed_config import derive_deepspeed_config
+
+    return derive_deepspeed_config(deepspeed_settings(job))
+
+
+def worker_group(job: TrainJob) -> WorkerGroup:
+    from multitalent.distributed.ray_launch import WorkerGroup
+
+    w = job.workers
+    return WorkerGroup(
+        run_name=job.run.name,
+        num_workers=w.num_workers,
+        use_gpu=w.use_gpu,
+        resources_per_worker=w.resources_per_worker,
+        placement_strategy=w.placement_strategy,
+        max_failures=w.max_failures,
+        keep_checkpoints=job.checkpoint.keep,
+    )
+
+
+def augment_plan(job: TrainJob) -> AugmentPlan:
+    from multitalent.train.batches import AugmentPlan
+
+    a = job.data.augmentation
+    return AugmentPlan.make(
+        enabled=a.enabled, where=a.where, patch_zyx=job.architecture.patch_zyx, config=a.config()
+    )
+
+
+# ------------------------------------------------------------------------------------ assembly
+@dataclass
+class RunParts:
+    """Everything one rank of a run needs, built by :func:`assemble`.
+
+    ``setup`` is ``None`` only when assembled with ``require_data=False`` and the collection is missing
+    (the dry run then describes the rest); ``spacing_zyx_mm`` is then the plan's default.
+    """
+
+    job: TrainJob
+    catalog: Catalog
+    setup: DataSetup | None
+    spacing_zyx_mm: tuple[float, float, float]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: MultiTalentObjective
+    schedule: PolySchedule
+    augment: AugmentPlan
+    deepspeed_config: dict[str, Any]
+    precision: str  # resolved: "fp32" or "bf16"
+    rank: int
+    world_size: int
+    data_error: str | None = None  # why ``setup`` is None
+    _zarr: Any = None  # the rank's Zarr source (shards.source: zarr)
+
+    @property
+    def output_levels(self) -> int:
+        return output_levels(self.model)
+
+    def batches(
+        self, start: int, stop: int, *, loader_workers: int | None = None
+    ) -> Iterator[tuple[int, Any]]:
+        """``(iteration, Batch)`` for iterations ``[start, stop)`` of this rank, from the job's source."""
+        from multitalent.train.batches import webdataset_batches, zarr_batches
+
+        if self.setup is None:
+            raise FileNotFoundError(f"{self.job.shards.path}: no converted collection to read batches from")
+        workers = self.job.data.loader_workers if loader_workers is None else loader_workers
+        if self.job.shards.source == "zarr":
+            return zarr_batches(
+                self._zarr, start=start, stop=stop, augment=self.augment, loader_workers=workers
+            )
+        make = webdataset_source_factory(
+            self.job, self.setup, patch_zyx=self.augment.read_zyx, rank=self.rank, world_size=self.world_size
+        )
+        return webdataset_batches(
+            make,
+            start=start,
+            stop=stop,
+            iterations_per_epoch=self.job.schedule.iterations_per_epoch,
+            augment=self.augment,
+            loader_workers=workers,
+        )
+
+
+def assemble(
+    job: TrainJob,
+    *,
+    rank: int = 0,
+    world_size: int | None = None,
+    catalog: Catalog | None = None,
+    require_data: bool = True,
+) -> RunParts:
+    """Build the parts of ``job`` for ``rank`` of ``world_size`` (default: ``workers.num_workers``).
+
+    The network's initial weights come from ``run.seed`` (identical on every rank and launch).
+
+    Raises:
+        FileNotFoundError: the collection is missing (only with ``require_data``).
+        DeepSpeedConfigError, ValueError: an inconsistent job.
+    """
+    import torch
+
+    from multitalent.distributed.deepspeed_config import resolve_precision
+    from multitalent.preprocess.plan import DEFAULT_SPACING_ZYX_MM
+    from multitalent.train.schedule import PolySchedule, build_optimizer
+    from multitalent.train.step import MultiTalentObjective
+
+    world_size = job.workers.num_workers if world_size is None else world_size
+    ds_config = deepspeed_config(job)
+    catalog = catalog or load_catalog(job.catalog)
+    setup: DataSetup | None = None
+    data_error: str | None = None
+    try:
+        setup = load_data_setup(job, catalog=catalog)
+    except FileNotFoundError as e:
+        if require_data:
+            raise
+        data_error = str(e)
+    spacing = setup.spacing_zyx_mm if setup is not None else DEFAULT_SPACING_ZYX_MM
+    torch.manual_seed(job.run.seed)
+    model = build_model(job, catalog, spacing)
+    s = job.schedule
+    augment = augment_plan(job)
+    parts = RunParts(
+        job=job,
+        catalog=catalog,
+        setup=setup,
+        spacing_zyx_mm=spacing,
+        model=model,
+        optimizer=build_optimizer(model.parameters(), job.optimiser),
+        objective=MultiTalentObjective(catalog, n_levels=output_levels(model)),
+        schedule=PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent),
+        augment=augment,
+        deepspeed_config=ds_config,
+        precision=resolve_precision(job.precision, use_gpu=job.workers.use_gpu),
+        rank=rank,
+        world_size=world_size,
+        data_error=data_error,
+    )
+    if setup is not None and job.shards.source == "zarr":
+        parts._zarr = zarr_source(
+            job,
+            setup,
+            cases=setup.train_cases,
+            patch_zyx=augment.read_zyx,
+            batch_size=job.micro_batch,
+            rank=rank,
+            world_size=world_size,
+        )
+    return parts

@@ -104,15 +104,56 @@ class RunSection(StrictModel):
     seed: int = Field(default=0, ge=0)
 
 
+def _augment_defaults() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from multitalent.data.augment import AugmentConfig
+
+    return asdict(AugmentConfig())
+
+
 class AugmentationSection(StrictModel):
+    """Batched augmentation (nnU-Net's moreDA). ``settings`` overrides named fields of
+    :class:`multitalent.data.augment.AugmentConfig` (probabilities ``p_*`` and ``(low, high)`` ranges),
+    e.g. ``settings: {p_mirror_zyx: [0.5, 0.5, 0.0], p_rotation: 0.3}``; unset fields keep its defaults."""
+
     enabled: bool = True
     where: Literal["device", "loader"] = "device"  # device: in the step on the GPU; loader: CPU
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> AugmentationSection:
+        known = _augment_defaults()
+        for key in self.settings:
+            if key not in known:
+                from difflib import get_close_matches
+
+                close = get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+                raise ValueError(f"settings.{key}: not an augmentation setting{hint}")
+        self.config()  # range/probability checks of AugmentConfig
+        return self
+
+    def config(self) -> Any:
+        """The :class:`~multitalent.data.augment.AugmentConfig` these settings describe."""
+        from multitalent.data.augment import AugmentConfig
+
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in self.settings.items()}
+        return AugmentConfig(**values)
+
+
+class WebDatasetSection(StrictModel):
+    """Streaming from the WebDataset shards (``shards.source: webdataset``)."""
+
+    shuffle_buffer: int = Field(default=8, ge=1)  # decoded cases held per loader worker (~1 volume each)
+    patches_per_case: float = Field(default=2.0, gt=0)  # mean patches taken per loaded case
 
 
 class DataSection(StrictModel):
     exponent: float = Field(default=0.5, ge=0)  # case weight n_dataset ** -exponent
     fg_fraction: float = Field(default=1 / 3, ge=0, le=1)
     augmentation: AugmentationSection = AugmentationSection()
+    webdataset: WebDatasetSection = WebDatasetSection()
     loader_workers: int = Field(default=4, ge=0)  # DataLoader processes per rank; 0 = in the rank
 
 
@@ -129,9 +170,10 @@ class NonFiniteSection(StrictModel):
 
 
 class DebugSection(StrictModel):
-    """Test hooks; leave empty in real jobs."""
+    """Test hooks, installed as a :class:`multitalent.train.callbacks.FaultInjection` callback (never
+    lines in the step); leave empty in real jobs."""
 
-    poison_loss_at: list[int] = Field(default_factory=list)  # iterations whose loss becomes NaN
+    poison_loss_at: list[int] = Field(default_factory=list)  # iterations whose input (so loss) is NaN
     sleep_per_iteration_s: float = Field(default=0.0, ge=0)  # slows a run down for fault tests
 
 

@@ -106,21 +106,20 @@ def run_training(job: TrainJob, *, address: str | None = None) -> TrainResult:
             a row (the result so far stays in the run directory).
         RuntimeError: the training failed more often than ``workers.max_failures`` allows.
     """
-    from multitalent.distributed.deepspeed_config import derive_deepspeed_config
     from multitalent.distributed.ray_launch import build_trainer
     from multitalent.raycluster import ray_session
-    from multitalent.train.components import load_data_setup
+    from multitalent.train.components import deepspeed_config, load_data_setup, worker_group
     from multitalent.train.loop import NonFiniteLossError, train_loop_per_worker
 
     job = absolute_paths(job)
-    derive_deepspeed_config(job)  # configuration errors surface before any worker starts
+    deepspeed_config(job)  # configuration errors surface before any worker starts
     load_data_setup(job)
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {"job": job.model_dump(mode="python"), "run_dir": str(run_dir)}
     with ray_session(address=address):
         trainer = build_trainer(
-            job,
+            worker_group(job),
             storage_path=Path(job.run.storage_path),
             train_loop=train_loop_per_worker,
             loop_config=loop_config,
@@ -149,88 +148,65 @@ class DryRunReport:
 
 
 def dry_run(job: TrainJob) -> DryRunReport:
-    """Build every component of the job without Ray workers and take no step.
+    """Build every component of the job as rank 0 of a worker would, and take no step.
 
-    Job, DeepSpeed config, catalog, plan and splits, the rank-0 data source and one batch of it,
-    network, objective, optimizer and schedule, Ray's scaling/run configuration, and the tracking
-    and resume state. Missing shards are a warning (everything that does not need them is built).
+    The same :func:`~multitalent.train.components.assemble` as the workers: DeepSpeed config, catalog,
+    plan and splits, network, objective, optimizer and schedule, the job's data source (Zarr or
+    WebDataset) and one batch of it; then Ray's scaling/run configuration, the tracking and resume
+    state. Missing shards are a warning (everything that does not need them is built).
 
     Raises:
         DeepSpeedConfigError, ValueError: an inconsistent job (a derived key set twice, a patch the
             network cannot take, shards of another catalog).
     """
-    from multitalent.catalog import load_catalog
-    from multitalent.distributed.deepspeed_config import derive_deepspeed_config, resolve_precision
     from multitalent.distributed.ray_launch import run_config, scaling_config
-    from multitalent.train.batches import AugmentPlan, StepBatches
-    from multitalent.train.components import build_model, load_data_setup, output_levels, zarr_source
-    from multitalent.train.schedule import PolySchedule, build_optimizer
-    from multitalent.train.step import MultiTalentObjective
+    from multitalent.train.components import assemble, worker_group
 
     job = absolute_paths(job)
     lines: list[str] = []
     warnings: list[str] = []
-    ds_config = derive_deepspeed_config(job)
-    precision = resolve_precision(job.precision, use_gpu=job.workers.use_gpu)
+    parts = assemble(job, rank=0, require_data=False)
     w = job.workers
     lines.append(
         f"workers: {w.num_workers} x {'GPU' if w.use_gpu else 'CPU'} {w.resources_per_worker or ''} "
         f"{w.placement_strategy}; global batch {job.batch.global_size} = "
         f"{w.num_workers} x {job.micro_batch}; "
-        f"ZeRO {job.zero_stage}; {precision}"
+        f"ZeRO {job.zero_stage}; {parts.precision}"
     )
-    lines.append(f"deepspeed: {json.dumps(ds_config, sort_keys=True)}")
-    scaling_config(job)
-    run_config(job, Path(job.run.storage_path))
-    catalog = load_catalog(job.catalog)
+    lines.append(f"deepspeed: {json.dumps(parts.deepspeed_config, sort_keys=True)}")
+    group = worker_group(job)
+    scaling_config(group)
+    run_config(group, Path(job.run.storage_path))
+    catalog = parts.catalog
     lines.append(f"catalog: {catalog.name} ({len(catalog.datasets)} datasets, {catalog.num_classes} classes)")
-    spacing: tuple[float, float, float] = (1.5, 1.0, 1.0)
     batch_shape: tuple[int, ...] | None = None
-    augment = AugmentPlan.make(
-        enabled=job.data.augmentation.enabled,
-        where=job.data.augmentation.where,
-        patch_zyx=job.architecture.patch_zyx,
-    )
-    try:
-        setup = load_data_setup(job, catalog=catalog)
-    except FileNotFoundError as e:
-        warnings.append(f"data: {e}")
-        setup = None
-    if setup is not None:
-        spacing = setup.spacing_zyx_mm
+    augment = parts.augment
+    setup = parts.setup
+    if setup is None:
+        warnings.append(f"data: {parts.data_error}")
+    else:
         lines.append(
             f"data: {setup.root} ({job.shards.source}); {len(setup.train_cases)} training / "
-            f"{len(setup.val_cases)} validation cases (fold {job.validation.fold}); spacing {spacing} mm"
+            f"{len(setup.val_cases)} validation cases (fold {job.validation.fold}); "
+            f"spacing {parts.spacing_zyx_mm} mm"
         )
-        source = zarr_source(
-            job,
-            setup,
-            cases=setup.train_cases,
-            patch_zyx=augment.read_zyx,
-            batch_size=job.micro_batch,
-            rank=0,
-            world_size=w.num_workers,
-        )
-        batch = StepBatches(source, start=0, stop=1, augment=augment).batch_at(0)
+        _, batch = next(iter(parts.batches(0, 1, loader_workers=0)))
         batch_shape = tuple(batch.image_bczyx.shape)
         lines.append(
-            f"batch (rank 0, iteration 0): image {batch_shape}, read {augment.read_zyx}, keys {batch.keys}"
+            f"batch (rank 0, iteration 0): image {batch_shape}, read {augment.read_zyx}, "
+            f"keys {batch.keys}, from {job.shards.source}"
         )
-    model = build_model(job, catalog, spacing)
-    n_params = sum(p.numel() for p in model.parameters())
-    objective = MultiTalentObjective(catalog, n_levels=output_levels(model))
-    optimizer = build_optimizer(model.parameters(), job.optimiser)
+    n_params = sum(p.numel() for p in parts.model.parameters())
     s = job.schedule
-    schedule = PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent)
     lines.append(
         f"model: {job.architecture.arch} ({job.architecture.size}), {n_params:,} parameters, "
-        f"{output_levels(model)} output level(s), patch {job.architecture.patch_zyx}; "
-        f"loss {type(objective.loss).__name__}"
+        f"{parts.output_levels} output level(s), patch {job.architecture.patch_zyx}; "
+        f"loss {type(parts.objective.loss).__name__}"
     )
     lines.append(
-        f"optimiser: {type(optimizer).__name__} lr {job.optimiser.lr} -> poly {s.poly_exponent}; "
+        f"optimiser: {type(parts.optimizer).__name__} lr {job.optimiser.lr} -> poly {s.poly_exponent}; "
         f"{s.epochs} epochs x {s.iterations_per_epoch} iterations; lr at the last epoch "
-        f"{schedule.lr_at(s.total_iterations - 1):.3g}"
+        f"{parts.schedule.lr_at(s.total_iterations - 1):.3g}"
     )
     lines.append(
         f"augmentation: {'off' if augment.config is None else ('loader' if augment.in_loader else 'device')}"
@@ -245,4 +221,4 @@ def dry_run(job: TrainJob) -> DryRunReport:
         f"run: {job.run_dir} ({where}; keep {job.checkpoint.keep}, every {job.checkpoint.every_iterations})"
     )
     warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
-    return DryRunReport(lines, warnings, ds_config, batch_shape)
+    return DryRunReport(lines, warnings, parts.deepspeed_config, batch_shape)

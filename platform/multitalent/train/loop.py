@@ -18,15 +18,16 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from multitalent.train.batches import AugmentPlan, step_generator, webdataset_batches, zarr_batches
+from multitalent.train.batches import AugmentPlan, step_generator
+from multitalent.train.cadence import Cadence
 from multitalent.train.checkpoint import (
     DEEPSPEED_TAG,
     STATE_FILE,
@@ -41,8 +42,10 @@ from multitalent.train.checkpoint import (
     write_rank_manifest,
 )
 from multitalent.train.job import TrainJob
-from multitalent.train.schedule import PolySchedule, build_optimizer
-from multitalent.train.step import MultiTalentObjective, StepInputs
+from multitalent.train.step import StepInputs
+
+if TYPE_CHECKING:
+    from multitalent.train.callbacks import Callback
 
 STOP_NONFINITE = "nonfinite"
 
@@ -63,6 +66,17 @@ class StepResult:
 
 
 @dataclass(frozen=True)
+class ValidationResult:
+    """One validation pass: ``iteration`` = iterations done when it ran; ``metrics`` and ``overlays``
+    (dataset id -> picture) are filled on rank 0 only."""
+
+    iteration: int
+    epoch: int
+    metrics: dict[str, float]
+    overlays: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     rank: int
     world_size: int
@@ -75,54 +89,39 @@ def _rank_rng_file(rank: int) -> str:
 
 
 class Trainer:
-    """The state of one worker's training (see the module docstring)."""
+    """The state of one worker's training (see the module docstring).
+
+    Callbacks read what they need from here: ``job``, ``parts`` (:class:`RunParts`), ``state``
+    (checkpointed counters and curves), ``cadence`` (when epochs end, validation and checkpoints are
+    due) and ``validation`` (the latest validation pass, or ``None``).
+    """
 
     def __init__(self, job: TrainJob, *, worker: WorkerInfo, run_dir: Path) -> None:
-        from multitalent.distributed.deepspeed_config import derive_deepspeed_config, resolve_precision
         from multitalent.distributed.engine import build_engine
-        from multitalent.train.components import build_model, load_data_setup, output_levels, zarr_source
+        from multitalent.train.components import assemble
 
         self.job, self.worker, self.run_dir = job, worker, run_dir
         self.rank, self.world_size, self.device = worker.rank, worker.world_size, worker.device
-        self.setup = load_data_setup(job)
-        self.catalog = self.setup.catalog
-        torch.manual_seed(job.run.seed)  # identical initial weights on every rank and every launch
-        model = build_model(job, self.catalog, self.setup.spacing_zyx_mm)
-        self.model_description = model.describe()
-        self.ds_config = derive_deepspeed_config(job)
+        self.parts = assemble(job, rank=self.rank, world_size=self.world_size)
+        assert self.parts.setup is not None
+        self.setup = self.parts.setup
+        self.catalog = self.parts.catalog
+        self.model_description = self.parts.model.describe()  # type: ignore[operator]
+        self.ds_config = self.parts.deepspeed_config
         self.engine = build_engine(
-            model,
-            build_optimizer(model.parameters(), job.optimiser),
-            config=self.ds_config,
-            use_gpu=worker.use_gpu,
+            self.parts.model, self.parts.optimizer, config=self.ds_config, use_gpu=worker.use_gpu
         )
-        bf16 = resolve_precision(job.precision, use_gpu=worker.use_gpu) == "bf16"
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.objective = MultiTalentObjective(self.catalog, n_levels=output_levels(model)).to(self.device)
+        self.dtype = torch.bfloat16 if self.parts.precision == "bf16" else torch.float32
+        self.objective = self.parts.objective.to(self.device)
         self.lut = torch.as_tensor(self.catalog.region_lut(), device=self.device)
         self.reduce = None
         if self.world_size > 1:
             from multitalent.losses import all_reduce_sum
 
             self.reduce = all_reduce_sum()
-        s = job.schedule
-        self.schedule = PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent)
-        self.augment = AugmentPlan.make(
-            enabled=job.data.augmentation.enabled,
-            where=job.data.augmentation.where,
-            patch_zyx=job.architecture.patch_zyx,
-        )
-        self.source = None
-        if job.shards.source == "zarr":
-            self.source = zarr_source(
-                job,
-                self.setup,
-                cases=self.setup.train_cases,
-                patch_zyx=self.augment.read_zyx,
-                batch_size=job.micro_batch,
-                rank=self.rank,
-                world_size=self.world_size,
-            )
+        self.schedule = self.parts.schedule
+        self.augment = self.parts.augment
+        self.cadence = Cadence.of(job)
         self.state = TrainerState(
             world_size=self.world_size, seed=job.run.seed, schedule=self.schedule.state_dict()
         )
@@ -134,6 +133,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.rejected_checkpoints: list[str] = []
         self.last_checkpoint_iteration = -1
+        self.validation: ValidationResult | None = None
 
     # ------------------------------------------------------------------ collectives
     def _broadcast(self, value: Any) -> Any:
@@ -181,41 +181,18 @@ class Trainer:
         self.resumed_from = folder
         self.last_checkpoint_iteration = state.iteration
 
-    # ------------------------------------------------------------------ data
-    def batches(self, start: int, stop: int) -> Iterator[tuple[int, Any]]:
-        job = self.job
-        if self.source is not None:
-            return zarr_batches(
-                self.source,
-                start=start,
-                stop=stop,
-                augment=self.augment,
-                loader_workers=job.data.loader_workers,
-            )
-        from multitalent.train.components import webdataset_source_factory
-
-        make = webdataset_source_factory(
-            job, self.setup, patch_zyx=self.augment.read_zyx, rank=self.rank, world_size=self.world_size
-        )
-        return webdataset_batches(
-            make,
-            start=start,
-            stop=stop,
-            iterations_per_epoch=job.schedule.iterations_per_epoch,
-            augment=self.augment,
-            loader_workers=job.data.loader_workers,
-        )
-
+    # ------------------------------------------------------------------ the loop
     @property
     def stop_iteration(self) -> int:
         s = self.job.schedule
         return min(s.total_iterations, s.stop_after_iterations or s.total_iterations)
 
-    # ------------------------------------------------------------------ the loop
-    def fit(self, callbacks: Sequence[Any]) -> None:
+    def fit(self, callbacks: Sequence[Callback]) -> None:
         for cb in callbacks:
             cb.on_start(self)
-        for i, batch in self.batches(self.state.iteration, self.stop_iteration):
+        for i, batch in self.parts.batches(self.state.iteration, self.stop_iteration):
+            for cb in callbacks:
+                cb.on_step_start(self, i, batch)
             result = self.step(i, batch)
             self.state.iteration = i + 1
             for cb in callbacks:
@@ -237,8 +214,6 @@ class Trainer:
             inputs = _augment(inputs, self.augment, step_generator(self.job.run.seed, self.rank, iteration))
         inputs.image_bczyx = inputs.image_bczyx.to(self.dtype)
         loss, _ = self.objective(self.engine, inputs, reduce=self.reduce)
-        if iteration in self.job.debug.poison_loss_at and self.rank == 0:
-            loss = loss * float("nan")
         local = loss.detach().float()
         both = torch.stack(
             [torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0), (~torch.isfinite(local)).float()]
@@ -264,8 +239,6 @@ class Trainer:
         mean_loss = float("nan") if skipped else float(both[0].item()) / self.world_size
         self.loss_iterations.append(iteration)
         self.losses.append(mean_loss)
-        if self.job.debug.sleep_per_iteration_s:
-            time.sleep(self.job.debug.sleep_per_iteration_s)
         return StepResult(iteration, mean_loss, lr, skipped, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ checkpoints
@@ -319,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function. ``config``: ``{"job": TrainJob dump, "run_dir": str}``."""
     import ray.train
 
-    from multitalent.train.callbacks import default_callbacks
+    from multitalent.train.callbacks import callbacks_for
 
     job = TrainJob.model_validate(config["job"])
     worker = worker_info(job.workers.use_gpu)
@@ -329,4 +302,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = Trainer(job, worker=worker, run_dir=Path(config["run_dir"]))
     latest = ray.train.get_checkpoint()
     trainer.restore(Path(latest.path) if latest is not None else None)
-    trainer.fit(default_callbacks())
+    trainer.fit(callbacks_for(job))
