@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 from multitalent.catalog import load_preset
-from multitalent.tracking import FlushPolicy, Tracker, TrackingWarning, curves_png, metric_key, overlay_png
-from multitalent.tracking.pictures import FILL_ALPHA, GAP_PX, LEGEND_COL_PX, LEGEND_ROW_PX, PALETTE, TITLE_PX
+from multitalent.metric_names import metric_key
+from multitalent.overlay import FILL_ALPHA, PALETTE
+from multitalent.tracking import FlushPolicy, Tracker, TrackingWarning, curves_png, overlay_png
+from multitalent.tracking.pictures import GAP_PX, LEGEND_COL_PX, LEGEND_ROW_PX, TITLE_PX
 
 JOB_YAML = """\
 name: smoke

@@ -3,8 +3,7 @@
 Importing this package is cheap: mlflow, Pillow and matplotlib load on first use.
 """
 
-from multitalent.tracking.names import metric_key
 from multitalent.tracking.pictures import curves_png, overlay_png
 from multitalent.tracking.tracker import FlushPolicy, Tracker, TrackingWarning
 
-__all__ = ["FlushPolicy", "Tracker", "TrackingWarning", "curves_png", "metric_key", "overlay_png"]
+__all__ = ["FlushPolicy", "Tracker", "TrackingWarning", "curves_png", "overlay_png"]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multitalent.tracking.names import metric_key
+from multitalent.metric_names import metric_key
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
