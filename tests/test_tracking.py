@@ -24,6 +24,7 @@ import pytest
 from multitalent.catalog import load_preset
 from multitalent.metric_names import metric_key
 from multitalent.overlay import FILL_ALPHA, PALETTE
+from multitalent.preprocess.plan import Plan
 from multitalent.tracking import FlushPolicy, Tracker, TrackingWarning, curves_png, overlay_png
 from multitalent.tracking.pictures import GAP_PX, LEGEND_COL_PX, LEGEND_ROW_PX, TITLE_PX
 
@@ -92,8 +93,7 @@ def test_sqlite_run_logs_everything(tmp_path: Path, run_dir: Path, monkeypatch: 
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # as in a Ray worker: the current directory is not the run's
     catalog = load_preset("multitalent13")
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"version": 1, "target_spacing_zyx_mm": [3.0, 1.5, 1.5], "catalog": {"x": 1}}))
+    plan = Plan.for_catalog(catalog, target_spacing_zyx_mm=(3.0, 1.5, 1.5))
 
     tracker = Tracker.start(tracking_uri=None, experiment="exp", run_name="r1", run_dir=run_dir, policy=EAGER)
     assert tracker.run_id is not None
@@ -116,7 +116,8 @@ def test_sqlite_run_logs_everything(tmp_path: Path, run_dir: Path, monkeypatch: 
     params = run.data.params
     assert params["job.train.epochs"] == "2" and params["job.train.datasets"] == '["01", "07"]'
     assert params["catalog.hash"] == catalog.hash and params["catalog.num_classes"] == "47"
-    assert params["plan.target_spacing_zyx_mm"] == "[3.0, 1.5, 1.5]" and "plan.catalog.x" not in params
+    assert params["plan.target_spacing_zyx_mm"] == "[3.0, 1.5, 1.5]" and "plan.catalog.name" not in params
+    assert params["plan.normalization.scheme"] == "ct"
     assert params["zero_stage"] == "1"
     loss = _history(client, tracker.run_id, "train/loss")
     assert [s for s, _ in loss] == list(range(5))
@@ -130,6 +131,8 @@ def test_sqlite_run_logs_everything(tmp_path: Path, run_dir: Path, monkeypatch: 
         Path(client.download_artifacts(tracker.run_id, "label_space.json", str(tmp_path))).read_text()
     )
     assert label_space["hash"] == catalog.hash
+    logged_plan = Path(client.download_artifacts(tracker.run_id, "plan.json", str(tmp_path))).read_text()
+    assert Plan.from_json(logged_plan) == plan
     assert not (elsewhere / "mlruns").exists() and not (elsewhere / "mlflow.db").exists()
 
 
