@@ -1,4 +1,5 @@
-"""Tracker on a real sqlite store and a real MLflow server that goes down; overlay and curve PNGs.
+"""Tracker on a real sqlite store and a real MLflow server that goes down; the outbox on a real
+sqlite store whose directory disappears; overlay and curve PNGs.
 
 The outage test serves MLflow's own server app (``mlflow.server.fastapi_app``, what ``mlflow
 server`` runs under uvicorn) from a thread of the test process, because starting ``mlflow server``
@@ -22,8 +23,11 @@ import numpy as np
 import pytest
 
 from multitalent.catalog import load_preset
-from multitalent.tracking import FlushPolicy, Tracker, TrackingWarning, curves_png, metric_key, overlay_png
-from multitalent.tracking.pictures import FILL_ALPHA, GAP_PX, LEGEND_COL_PX, LEGEND_ROW_PX, PALETTE, TITLE_PX
+from multitalent.metric_names import metric_key
+from multitalent.overlay import FILL_ALPHA, PALETTE
+from multitalent.preprocess.plan import Plan
+from multitalent.tracking import FlushPolicy, Tracker, TrackingWarning, curves_png, overlay_png
+from multitalent.tracking.outbox import Outbox, WarningLimiter
 
 JOB_YAML = """\
 name: smoke
@@ -90,8 +94,7 @@ def test_sqlite_run_logs_everything(tmp_path: Path, run_dir: Path, monkeypatch: 
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # as in a Ray worker: the current directory is not the run's
     catalog = load_preset("multitalent13")
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"version": 1, "target_spacing_zyx_mm": [3.0, 1.5, 1.5], "catalog": {"x": 1}}))
+    plan = Plan.for_catalog(catalog, target_spacing_zyx_mm=(3.0, 1.5, 1.5))
 
     tracker = Tracker.start(tracking_uri=None, experiment="exp", run_name="r1", run_dir=run_dir, policy=EAGER)
     assert tracker.run_id is not None
@@ -114,7 +117,8 @@ def test_sqlite_run_logs_everything(tmp_path: Path, run_dir: Path, monkeypatch: 
     params = run.data.params
     assert params["job.train.epochs"] == "2" and params["job.train.datasets"] == '["01", "07"]'
     assert params["catalog.hash"] == catalog.hash and params["catalog.num_classes"] == "47"
-    assert params["plan.target_spacing_zyx_mm"] == "[3.0, 1.5, 1.5]" and "plan.catalog.x" not in params
+    assert params["plan.target_spacing_zyx_mm"] == "[3.0, 1.5, 1.5]" and "plan.catalog.name" not in params
+    assert params["plan.normalization.scheme"] == "ct"
     assert params["zero_stage"] == "1"
     loss = _history(client, tracker.run_id, "train/loss")
     assert [s for s, _ in loss] == list(range(5))
@@ -128,6 +132,8 @@ def test_sqlite_run_logs_everything(tmp_path: Path, run_dir: Path, monkeypatch: 
         Path(client.download_artifacts(tracker.run_id, "label_space.json", str(tmp_path))).read_text()
     )
     assert label_space["hash"] == catalog.hash
+    logged_plan = Path(client.download_artifacts(tracker.run_id, "plan.json", str(tmp_path))).read_text()
+    assert Plan.from_json(logged_plan) == plan
     assert not (elsewhere / "mlruns").exists() and not (elsewhere / "mlflow.db").exists()
 
 
@@ -306,6 +312,108 @@ def test_end_during_outage_spills_metrics_to_run_dir(tmp_path: Path, monkeypatch
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
 
 
+# --------------------------------------------------------------------------- outbox
+@pytest.fixture
+def store(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A real MLflow sqlite store with one run, opened per request (NullPool), so moving its
+    directory away is an outage: MLflow answers TEMPORARILY_UNAVAILABLE until it is back."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    experiment = client.create_experiment("exp", artifact_location=(run_dir / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+
+    class Store:
+        def __init__(self) -> None:
+            self.client, self.run_id, self.away = client, run_id, run_dir.with_name("away")
+
+        def connect(self) -> tuple[Any, str]:
+            return self.client, self.run_id
+
+        def disappear(self) -> None:
+            run_dir.rename(self.away)
+
+        def come_back(self) -> None:
+            self.away.rename(run_dir)
+
+    return Store()
+
+
+def _outbox(store: Any, **policy: Any) -> Outbox:
+    policy = {"interval_s": 0.0, **policy}
+    return Outbox(
+        policy=FlushPolicy(**policy), connect=store.connect, warnings=WarningLimiter(300.0), store="sqlite"
+    )
+
+
+def _log_text(text: str, artifact_file: str) -> Any:
+    return lambda client, run_id: client.log_text(run_id, text, artifact_file)
+
+
+def test_outbox_holds_everything_while_the_store_is_gone_and_backs_off(store: Any) -> None:
+    outbox = _outbox(store, retry_after_s=3600.0)
+    outbox.add_metrics([("train/loss", 0.0)], step=0)
+    assert outbox.healthy and outbox.buffered_metrics == 0
+
+    store.disappear()
+    with pytest.warns(TrackingWarning) as caught:
+        outbox.add_metrics([("train/loss", 1.0)], step=1)
+        outbox.submit("log_text", _log_text("written while away", "notes/away.txt"))
+        outbox.add_metrics([("train/loss", 2.0), ("train/lr", 0.1)], step=2)
+    assert len(caught) == 1 and "unreachable" in str(caught[0].message)  # one warning per outage
+    assert not outbox.healthy and outbox.buffered_metrics == 3 and outbox.pending_ops == 1
+
+    store.come_back()
+    assert not outbox.drain()  # backing off: the next try is an hour away, so nothing is attempted
+    assert outbox.buffered_metrics == 3
+    assert outbox.drain(force=True)
+    assert outbox.healthy and outbox.buffered_metrics == 0 and outbox.pending_ops == 0
+    assert _history(store.client, store.run_id, "train/loss") == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert _history(store.client, store.run_id, "train/lr") == [(2, 0.1)]
+    assert "notes/away.txt" in _artifacts(store.client, store.run_id)
+
+
+def test_outbox_drops_the_oldest_metrics_and_rejected_operations(store: Any) -> None:
+    outbox = _outbox(store, max_buffered_metrics=3, retry_after_s=0.0, max_retry_after_s=0.0)
+    store.disappear()
+    with pytest.warns(TrackingWarning) as caught:
+        for step in range(5):
+            outbox.add_metrics([("train/loss", float(step))], step=step)
+    assert [m for m in map(str, (w.message for w in caught)) if "buffer full" in m]
+    assert outbox.buffered_metrics == 3 and outbox.dropped_metrics == 2
+
+    def param(value: str) -> Any:
+        from mlflow.entities import Param
+
+        return lambda client, run_id: client.log_batch(run_id, params=[Param("lr", value)])
+
+    outbox.submit("log_params", param("0.1"))
+    outbox.submit("log_params", param("0.2"))  # MLflow parameters are immutable: the store rejects it
+    outbox.submit("log_text", _log_text("after the rejected one", "notes/after.txt"))
+    store.come_back()
+    with pytest.warns(TrackingWarning, match="log_params rejected by the store, dropped"):
+        assert outbox.drain()
+    assert _history(store.client, store.run_id, "train/loss") == [(2, 2.0), (3, 3.0), (4, 4.0)]
+    assert store.client.get_run(store.run_id).data.params == {"lr": "0.1"}
+    assert "notes/after.txt" in _artifacts(store.client, store.run_id)
+
+
+def test_outbox_spills_what_the_store_never_got(store: Any, tmp_path: Path) -> None:
+    outbox = _outbox(store)
+    store.disappear()
+    with pytest.warns(TrackingWarning, match="unreachable"):
+        for step in range(3):
+            outbox.add_metrics([("train/loss", float(step))], step=step)
+    outbox.submit("log_text", _log_text("never sent", "notes/lost.txt"))
+    spill = tmp_path / "unsent.jsonl"
+    with pytest.warns(TrackingWarning, match="3 metrics written to .* and 1 operations"):
+        outbox.spill(spill, run="run r")
+    rows = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert [(r["key"], r["step"], r["value"]) for r in rows] == [("train/loss", i, i) for i in range(3)]
+    assert outbox.buffered_metrics == 0 and outbox.pending_ops == 0
+
+
 # --------------------------------------------------------------------------- pictures
 def _masks() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     image_zyx = np.full((6, 16, 16), -100.0, dtype=np.float32)  # constant: renders black
@@ -323,28 +431,41 @@ def _overlay() -> Any:
     return overlay_png(image_zyx, pred, target, ["liver", "liver tumour"], slices=1, panel_px=64)
 
 
+def _black_runs(line: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, length)`` of the runs of pure black pixels in a row or column of RGB pixels."""
+    black = np.r_[False, (line == 0).all(axis=-1), False].astype(np.int8)
+    starts, ends = np.flatnonzero(np.diff(black) == 1), np.flatnonzero(np.diff(black) == -1)
+    return [(int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
 def test_overlay_colours_where_the_masks_are() -> None:
-    picture = _overlay()
-    scale = 64 // 16
-    legend_rows = 2 + 1  # two classes present, one explanation line
+    picture = _overlay()  # one 16 x 16 slice, panel_px=64: enlarged 4x to a 64 x 64 panel
     assert picture.mode == "RGB"
-    assert picture.size == (
-        max(16 * scale, LEGEND_COL_PX),
-        TITLE_PX + 16 * scale + GAP_PX + legend_rows * LEGEND_ROW_PX + GAP_PX,
-    )
     rgb = np.asarray(picture)
+    # The image is constant, so the panel is the only pure black in the picture (its corners are
+    # outside the masks): find it by content, then read voxels through it.
+    rows = [r for r in range(rgb.shape[0]) if (rgb[r] == 0).all(axis=-1).any()]
+    top = rows[0]
+    [(left, width)] = _black_runs(rgb[top])
+    assert (left, width) == (0, 64) and len(rows) == 64 and rows == list(range(top, top + 64))
+    assert top > 0  # a title strip above the panel
 
-    def pixel(y: int, x: int, dy: int = scale // 2, dx: int = scale // 2) -> tuple[int, ...]:
-        return tuple(int(v) for v in rgb[TITLE_PX + y * scale + dy, x * scale + dx])
+    def pixel(y: int, x: int, dy: int = 2, dx: int = 2) -> tuple[int, ...]:
+        return tuple(int(v) for v in rgb[top + 4 * y + dy, left + 4 * x + dx])
 
-    def fill(k: int) -> tuple[int, ...]:
+    def fill(k: int) -> tuple[int, ...]:  # FILL_ALPHA of the class colour over black
         return tuple(round(FILL_ALPHA * c) for c in PALETTE[k])
 
     assert pixel(1, 1) == (0, 0, 0)  # background (z=2 was picked: most ground truth)
     assert pixel(6, 6) == pytest.approx(fill(0), abs=1)  # ground truth of class 0, inside the prediction
     assert pixel(12, 12) == pytest.approx(fill(1), abs=1)  # ground truth of class 1
     assert pixel(5, 7, dy=0) == PALETTE[0]  # top edge of the class-0 prediction: outline
-    assert pixel(9, 9, dy=scale - 1) == PALETTE[0]  # bottom edge of the prediction
+    assert pixel(9, 9, dy=3) == PALETTE[0]  # bottom edge of the prediction
+    assert pixel(7, 7) == pytest.approx(fill(0), abs=1)  # inside the prediction: no outline
+    # The legend under the panel: one swatch per class present, in the class colour.
+    legend = rgb[top + 64 :]
+    for k in (0, 1):
+        assert (legend == PALETTE[k]).all(axis=-1).sum() >= 10 * 10
 
 
 def test_overlay_picks_spread_slices_and_checks_shapes() -> None:
@@ -352,16 +473,34 @@ def test_overlay_picks_spread_slices_and_checks_shapes() -> None:
 
     image_zyx, pred, target = _masks()
     assert pick_slices(target, pred, 2) == [2, 4]
-    assert pick_slices(np.zeros_like(target), np.zeros_like(pred), 2) == [
-        2,
-        3,
-    ]  # even spread: nothing to show
+    assert pick_slices(np.zeros_like(target), np.zeros_like(pred), 2) == [2, 3]  # nothing to show: spread
+    assert pick_slices(target, pred, 3) == [2, 4]  # only slices with something to show
     picture = overlay_png(image_zyx, pred, target, ["a", "b"], slices=3, panel_px=32)
-    assert picture.size[0] == max(3 * 32 + 2 * GAP_PX, LEGEND_COL_PX)
+    rgb = np.asarray(picture)
+    # Two 16 x 16 slices enlarged 2x (panel_px=32), side by side with a gap, from the left edge.
+    row = next(r for r in range(rgb.shape[0]) if (rgb[r] == 0).all(axis=-1).any())
+    (left0, width0), (left1, width1) = _black_runs(rgb[row])
+    assert (left0, width0, width1) == (0, 32, 32) and left1 > 32
     with pytest.raises(ValueError, match="class names"):
         overlay_png(image_zyx, pred, target, ["only one"])
     with pytest.raises(ValueError, match="target_kzyx"):
         overlay_png(image_zyx, pred, target[:, :3], ["a", "b"])
+
+
+def test_overlay_slice_draws_a_label_map_like_a_mask_stack() -> None:
+    """The preview's label maps and validation's mask stacks go through the same renderer:
+    label value v is channel v - 1; the slice's edge is not an outline border."""
+    from multitalent.overlay import label_masks, overlay_slice
+
+    label = np.zeros((6, 8), dtype=np.uint8)
+    label[0:3, 0:4] = 2  # touches the top and left edges
+    masks = label_masks(label)
+    assert masks.shape == (2, 6, 8) and not masks[0].any() and masks[1].sum() == 12
+    rgb = overlay_slice(np.zeros((6, 8), np.float32), masks, masks, window=(0.0, 1.0), scale=2)
+    assert rgb.shape == (12, 16, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[0, 0]) == pytest.approx(tuple(round(FILL_ALPHA * c) for c in PALETTE[1]), abs=1)
+    assert tuple(rgb[5, 2]) == PALETTE[1] and tuple(rgb[2, 7]) == PALETTE[1]  # inner edges: outline
+    assert tuple(rgb[11, 15]) == (0, 0, 0)
 
 
 def test_curves_png_draws_coloured_lines() -> None:

@@ -17,15 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from multitalent.tracking.pictures import PALETTE
+from multitalent.overlay import label_masks, overlay_slice
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-# label value -> RGB; value v > 0 uses _PALETTE[(v - 1) % len]
-_PALETTE = np.array(PALETTE, dtype=np.float32)  # the same class colours as the tracking pictures
-_ALPHA = 0.45
 _TITLE_LINES = 2
 _LINE_PX = 12
 _TITLE_PX = _TITLE_LINES * _LINE_PX + 2
@@ -40,23 +37,11 @@ def _as_numpy(array: Any) -> np.ndarray:
 
 
 def _panel(image_yx: np.ndarray, label_yx: np.ndarray) -> np.ndarray:
-    """uint8 (y, x, 3): grey image windowed to its 1st-99th percentile, labels blended, outlines solid."""
+    """uint8 (y, x, 3): grey image windowed to its 1st-99th percentile, labels blended, outlines solid
+    (label value v in the class colour of channel v - 1, as in the validation overlays)."""
     lo, hi = np.percentile(image_yx, [1, 99]) if image_yx.size else (0.0, 1.0)
-    grey = np.clip((image_yx - lo) / max(float(hi - lo), 1e-6), 0, 1) * 255
-    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
-    labels = label_yx.astype(np.int64)
-    fg = labels > 0
-    if fg.any():
-        colour = _PALETTE[(labels[fg] - 1) % len(_PALETTE)]
-        rgb[fg] = (1 - _ALPHA) * rgb[fg] + _ALPHA * colour
-        edge = np.zeros_like(fg)
-        edge[1:, :] |= labels[1:, :] != labels[:-1, :]
-        edge[:-1, :] |= labels[1:, :] != labels[:-1, :]
-        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-        edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
-        edge &= fg
-        rgb[edge] = _PALETTE[(labels[edge] - 1) % len(_PALETTE)]
-    return rgb.round().astype(np.uint8)
+    masks_kyx = label_masks(label_yx)
+    return overlay_slice(image_yx, masks_kyx, masks_kyx, window=(float(lo), float(hi)))
 
 
 def render_grid(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from multitalent.catalog.model import GROUPS
-from multitalent.tracking.names import metric_key
+from multitalent.metric_names import metric_key
 
 if TYPE_CHECKING:
     from multitalent.catalog import Catalog
@@ -82,7 +82,7 @@ class DiceReport:
 
         ``<prefix>/dice/<dataset>/<class>``, ``<prefix>/dice_dataset/<dataset>`` and
         ``<prefix>/dice_mean/{class,dataset,difficult,cancer}``; every name passes through
-        :func:`multitalent.tracking.names.metric_key` (no colons, spaces become ``_``).
+        :func:`multitalent.metric_names.metric_key` (no colons, spaces become ``_``).
         """
         out: dict[str, float] = {}
 

@@ -7,7 +7,8 @@ Overlay layout (``overlay_png``): one panel per chosen axial slice, left to righ
 ``GAP_PX`` apart and below a ``TITLE_PX`` strip; panel pixel ``(row, col)`` shows voxel
 ``(y, x) = (row // scale, col // scale)`` with ``scale = max(1, panel_px // max(Y, X))``; the
 legend sits under the panels. Ground truth is a translucent fill, prediction a solid outline,
-both in the class colour.
+both in the class colour (drawn by :func:`multitalent.overlay.overlay_slice`, shared with the
+augmentation preview).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from multitalent.overlay import class_colour, overlay_slice
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -25,32 +28,8 @@ TITLE_PX = 18
 GAP_PX = 6
 LEGEND_ROW_PX = 16
 LEGEND_COL_PX = 220
-FILL_ALPHA = 0.45
 BACKGROUND_RGB = (16, 16, 16)
 TEXT_RGB = (235, 235, 235)
-# Saturated, mutually distinct colours (class k of a dataset gets PALETTE[k % len(PALETTE)]).
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (220, 190, 255),
-    (170, 110, 40),
-    (255, 250, 200),
-    (128, 0, 0),
-    (170, 255, 195),
-    (128, 128, 0),
-    (255, 215, 180),
-    (0, 0, 128),
-    (255, 255, 255),
-)
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -99,15 +78,6 @@ def _window(image_zyx: np.ndarray) -> tuple[float, float]:
     sample = image_zyx[::2, ::2, ::2].astype(np.float32)
     lo, hi = np.percentile(sample, [0.5, 99.5]) if sample.size else (0.0, 1.0)
     return float(lo), (float(hi) if hi > lo else float(lo) + 1.0)
-
-
-def _outline(mask_yx: np.ndarray, width: int) -> np.ndarray:
-    """Pixels of ``mask_yx`` within ``width`` steps (4-neighbourhood) of its border."""
-    inner = mask_yx.copy()
-    for _ in range(width):
-        padded = np.pad(inner, 1, constant_values=False)
-        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask_yx & ~inner
 
 
 def _case_dice(pred: np.ndarray, target: np.ndarray) -> float | None:
@@ -160,12 +130,13 @@ def overlay_png(
     outline_px = 1 if scale < 4 else 2
     lo, hi = _window(image)
     panels = [
-        _panel(image[z], pred[:, z], target[:, z], scale=scale, lo=lo, hi=hi, width=outline_px) for z in zs
+        overlay_slice(image[z], target[:, z], pred[:, z], window=(lo, hi), scale=scale, outline_px=outline_px)
+        for z in zs
     ]
 
     present = [k for k in range(len(class_names)) if pred[k].any() or target[k].any()]
     legend: list[tuple[tuple[int, int, int] | None, str]] = [
-        (PALETTE[k % len(PALETTE)], _legend_text(class_names[k], pred[k], target[k])) for k in present
+        (class_colour(k), _legend_text(class_names[k], pred[k], target[k])) for k in present
     ]
     legend.append((None, "fill = ground truth, outline = prediction"))
     if title:
@@ -197,30 +168,6 @@ def overlay_png(
 def _legend_text(name: str, pred: np.ndarray, target: np.ndarray) -> str:
     dice = _case_dice(pred, target)
     return f"{name}  Dice {dice:.2f}" if dice is not None else name
-
-
-def _panel(
-    image_yx: np.ndarray,
-    pred_kyx: np.ndarray,
-    target_kyx: np.ndarray,
-    *,
-    scale: int,
-    lo: float,
-    hi: float,
-    width: int,
-) -> np.ndarray:
-    """One RGB slice ``(Y*scale, X*scale, 3)`` uint8."""
-    gray = np.clip((image_yx.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0) * 255.0
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    rgb = rgb.repeat(scale, 0).repeat(scale, 1)
-    for k in range(target_kyx.shape[0]):
-        colour = np.asarray(PALETTE[k % len(PALETTE)], dtype=np.float32)
-        gt = target_kyx[k].repeat(scale, 0).repeat(scale, 1)
-        rgb[gt] = (1.0 - FILL_ALPHA) * rgb[gt] + FILL_ALPHA * colour
-    for k in range(pred_kyx.shape[0]):
-        pr = pred_kyx[k].repeat(scale, 0).repeat(scale, 1)
-        rgb[_outline(pr, width)] = PALETTE[k % len(PALETTE)]
-    return np.round(rgb).astype(np.uint8)
 
 
 def curves_png(

@@ -1,5 +1,8 @@
 """MLflow-safe metric and parameter names (pure Python; no mlflow import).
 
+A neutral home: evaluation names its Dice metrics with :func:`metric_key` and tracking sends them,
+so neither stage imports the other for it.
+
 MLflow 3.17 accepts ``[/\\w.\\- :]`` in metric and parameter names (no ``:`` on Windows), rejects
 names that change under ``posixpath.normpath`` (``a//b``, ``./a``, ``a/..``, a leading ``/``) and
 keys longer than 250 characters. We keep a stricter, portable subset: ASCII letters, digits and
