@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multitalent.data.batch import Batch, Normalization, PatchSample, collate
+from multitalent.data.batch import Batch, PatchSample, collate
 from multitalent.data.patches import read_patch
 from multitalent.data.sampling import (
     DEFAULT_EXPONENT,
@@ -47,6 +47,7 @@ from multitalent.data.sampling import (
     stream_patch_counts,
     stream_rngs,
 )
+from multitalent.preprocess.plan import Normalization
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -72,9 +73,13 @@ def extract_patch(
     normalised): the converter crops cases to the body, so what lies outside a stored case is air, not
     the collection's mean intensity (nnU-Net's 0 after normalisation). The label is padded with 0.
     """
-    air = float(normalization(np.array([normalization.clip_lo], dtype=np.float32))[0])
     image = read_patch(
-        image_zyx, center_zyx, patch_zyx, pad_value=air, dtype=np.float32, transform=normalization
+        image_zyx,
+        center_zyx,
+        patch_zyx,
+        pad_value=normalization.air,
+        dtype=np.float32,
+        transform=normalization.apply,
     )
     label = read_patch(label_zyx, center_zyx, patch_zyx, pad_value=0, dtype=np.uint8)
     return image[None], label
@@ -124,7 +129,7 @@ class ZarrPatchSource(IterableDataset):
     Args:
         root: converted output root (local path or fsspec URL) holding ``zarr/`` and ``manifest.json``.
         catalog: the label space; ``catalog.dataset_index`` maps datasets to ``dataset_idx_b``.
-        plan: ``plan.json`` path, dict or object (its ``normalization`` is applied).
+        normalization: the plan's intensity normalisation (``Plan.load(...).normalization``).
         cases: training cases (manifest entries, ``CaseRecord``s, ``(dataset, case)`` pairs or
             ``<dataset>__<case>`` keys); ``None`` takes every case of the manifest. ``n_d`` for the
             weights counts these cases.
@@ -140,7 +145,7 @@ class ZarrPatchSource(IterableDataset):
         root: str | Path,
         *,
         catalog: Any,
-        plan: Any,
+        normalization: Normalization,
         cases: Sequence[Any] | None = None,
         patch_zyx: Sequence[int],
         batch_size: int,
@@ -159,7 +164,7 @@ class ZarrPatchSource(IterableDataset):
         )
         self.root = str(root)
         self.catalog = catalog
-        self.normalization = Normalization.from_plan(plan)
+        self.normalization = normalization
         if cases is None:
             from multitalent.shards import load_manifest
 
@@ -307,7 +312,7 @@ class WebDatasetPatchSource(IterableDataset):
 
     Args:
         urls: shard URLs or paths (e.g. ``multitalent.shards.shard_urls(out_root)``).
-        catalog, plan, patch_zyx, batch_size, seed, rank, world_size, exponent, fg_fraction: as for
+        catalog, normalization, patch_zyx, batch_size, seed, rank, world_size, exponent, fg_fraction: as for
             :class:`ZarrPatchSource`.
         cases: training cases; others in the stream are skipped. ``n_d`` counts these cases.
         dataset_sizes: instead of ``cases``, ``{dataset_id: n_training_cases}``; every streamed case of
@@ -323,7 +328,7 @@ class WebDatasetPatchSource(IterableDataset):
         urls: Sequence[str] | str,
         *,
         catalog: Any,
-        plan: Any,
+        normalization: Normalization,
         patch_zyx: Sequence[int],
         batch_size: int,
         seed: int = 0,
@@ -351,7 +356,7 @@ class WebDatasetPatchSource(IterableDataset):
                 f"need shuffle_buffer >= 1 and patches_per_case > 0, got {shuffle_buffer}, {patches_per_case}"
             )
         self.catalog = catalog
-        self.normalization = Normalization.from_plan(plan)
+        self.normalization = normalization
         if cases is not None:
             refs = [case_ref(c) for c in cases]
             self.keys: set[str] | None = {case_key(d, c) for d, c in refs}
