@@ -11,6 +11,8 @@ Passes, each resumable:
 4. pack the WebDataset shards and write ``manifest.json``; failures go to ``report.json``.
 
 No pass leaves a partial file visible: every file is written to a temporary name and renamed.
+The raw collection must exist; ``multitalent convert`` generates the phantom one first when the job
+asks for it (``synth:``).
 """
 
 from __future__ import annotations
@@ -124,17 +126,14 @@ def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> 
 def run_conversion(
     job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print
 ) -> ConvertSummary:
+    """Convert ``job.raw_root`` (which must exist; see ``convert.cli.generate_missing_raw``) into
+    ``job.out``."""
     from multitalent.preprocess import PLAN_FILE
     from multitalent.raycluster import ray_session
     from multitalent.shards import CaseRecord, remove_temp_entries, write_manifest, write_shards
 
     catalog = _selected_catalog(job)
     raw_root, out = Path(job.raw_root), Path(job.out)
-    if job.synth is not None and not raw_root.exists():
-        from multitalent.synth import write_phantom_collection
-
-        log(f"raw data {raw_root} missing: writing the phantom collection (seed {job.synth.seed})")
-        write_phantom_collection(raw_root, seed=job.synth.seed, scale=job.synth.scale)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / ".work" / "samples"
     cache.mkdir(parents=True, exist_ok=True)
