@@ -21,12 +21,12 @@ from multitalent.data.sources import (
     ZarrPatchSource,
     case_key,
     case_ref,
-    iter_shard_samples,
 )
 from multitalent.preprocess.plan import Normalization
 from multitalent.shards import (
     ShardError,
     decode_wds_sample,
+    iter_shard_samples,
     shard_urls,
     write_case_zarr,
     write_manifest,

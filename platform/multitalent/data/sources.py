@@ -5,8 +5,9 @@ with probability ∝ n_d^-exponent (:mod:`.sampling`), then reads only the chunk
 the case's Zarr store. Each (rank, loader worker) has its own random stream
 ``SeedSequence([seed, rank, worker])``; all of them see all cases.
 
-``WebDatasetPatchSource``: streaming over tar shards (local paths, ``file://``, ``http(s)://`` and any
-fsspec URL such as ``s3://``; ``pipe:`` commands through webdataset's opener). Each epoch the shard
+``WebDatasetPatchSource``: streaming over tar shards (local paths, ``file://``, ``http(s)://``, any
+fsspec URL such as ``s3://``, ``pipe:`` commands; opened and decoded by
+:mod:`multitalent.shards.wds_reader`). Each epoch the shard
 list is shuffled with ``(seed, epoch)`` (the same order on every rank) and split disjointly over
 ranks × workers with :func:`~.sampling.partition`; when there are fewer shards than slots, every slot
 reads all shards and keeps every ``slots``-th case instead. Each loaded case enters a shuffle buffer
@@ -25,10 +26,9 @@ predictable). Cases with ``k_c = 0`` are read and dropped.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -48,6 +48,7 @@ from multitalent.data.sampling import (
     stream_rngs,
 )
 from multitalent.preprocess.plan import Normalization
+from multitalent.shards.wds_reader import decode_wds_sample, expand_shard_urls, iter_shard_samples
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -261,52 +262,6 @@ def _manifest_cases(manifest: Any) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- streaming
-def open_url(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Any:
-    """A binary, sequentially readable stream of a shard.
-
-    Local paths and ``file://`` open directly; ``pipe:`` goes through webdataset's ``gopen``; anything
-    else through fsspec (HTTP is streamed without range requests, so any static server works).
-    """
-    from multitalent.shards import ShardError
-
-    scheme = urlparse(url).scheme
-    try:
-        if scheme in ("", "file") or (len(scheme) == 1 and Path(url).exists()):  # windows drive letters
-            path = urlparse(url).path if scheme == "file" else url
-            return open(path, "rb")
-        if scheme == "pipe":
-            import webdataset
-
-            return webdataset.gopen(url, "rb")
-        import fsspec
-
-        options = dict(storage_options or {})
-        if scheme in ("http", "https"):
-            options.setdefault("block_size", 0)  # streaming; no Range support needed
-        return fsspec.open(url, "rb", **options).open()
-    except Exception as e:
-        raise ShardError(url, f"cannot open shard ({type(e).__name__}: {e})") from e
-
-
-def iter_shard_samples(
-    url: str, *, storage_options: Mapping[str, Any] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Raw WebDataset samples (``__key__`` plus member bytes) of one tar shard, in file order."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    from multitalent.shards import ShardError
-
-    stream = open_url(url, storage_options=storage_options)
-    try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-    except ShardError:
-        raise
-    except Exception as e:
-        raise ShardError(url, f"unreadable shard ({type(e).__name__}: {e})") from e
-    finally:
-        stream.close()
-
-
 class WebDatasetPatchSource(IterableDataset):
     """Batches of patches streamed from WebDataset tar shards (see the module docstring).
 
@@ -348,7 +303,7 @@ class WebDatasetPatchSource(IterableDataset):
         self.patch_zyx = _check_common(
             patch_zyx=patch_zyx, batch_size=batch_size, rank=rank, world_size=world_size
         )
-        self.urls = _expand_urls(urls)
+        self.urls = expand_shard_urls(urls)
         if not self.urls:
             raise ValueError("WebDatasetPatchSource: no shard URLs")
         if shuffle_buffer < 1 or not patches_per_case > 0:
@@ -415,8 +370,6 @@ class WebDatasetPatchSource(IterableDataset):
         Over all ranks × workers these are disjoint and complete. Cases outside the training set are
         skipped before decoding.
         """
-        from multitalent.shards import decode_wds_sample
-
         urls, slot, slots = self.shard_plan(epoch, worker, num_workers)
         index = 0
         for url in urls:
@@ -505,15 +458,6 @@ class WebDatasetPatchSource(IterableDataset):
         )
 
 
-def _expand_urls(urls: Sequence[str] | str | Iterable[str]) -> list[str]:
-    """A list of URLs; a single string may be a brace pattern (``shard-{000000..000009}.tar``)."""
-    if isinstance(urls, str | Path):
-        import braceexpand
-
-        return list(braceexpand.braceexpand(str(urls)))
-    return [str(u) for u in urls]
-
-
 __all__ = [
     "Batch",
     "WebDatasetPatchSource",
@@ -521,6 +465,4 @@ __all__ = [
     "case_key",
     "case_ref",
     "extract_patch",
-    "iter_shard_samples",
-    "open_url",
 ]
