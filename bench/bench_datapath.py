@@ -31,10 +31,11 @@ import torch
 from multitalent.catalog import Catalog
 from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx
 from multitalent.data.sources import ZarrPatchSource
+from multitalent.preprocess.plan import Normalization
 from multitalent.shards import write_case_zarr
 
 PATCH = (96, 192, 192)
-NORM = {"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 40.0, "std": 300.0, "source": "fixed"}
+NORM = Normalization(clip=(-1000.0, 1000.0), mean=40.0, std=300.0)
 
 
 @dataclass
@@ -82,9 +83,7 @@ def write_nnunet(cases: list[Case], folder: Path) -> None:
 
     folder.mkdir(parents=True)
     for i, case in enumerate(cases):
-        data = ((np.clip(case.image_zyx, *NORM["clip"]) - NORM["mean"]) / NORM["std"]).astype(np.float32)[
-            None
-        ]
+        data = ((np.clip(case.image_zyx, *NORM.clip) - NORM.mean) / NORM.std).astype(np.float32)[None]
         seg = case.label_zyx.astype(np.int16)[None]  # as nnU-Net stores it
         locations = {
             v + 1: case.fg_locations[case.fg_locations[:, 0] == v][:, 1:]
@@ -165,7 +164,7 @@ def main() -> None:
         source = ZarrPatchSource(
             root / "ours",
             catalog=catalog,
-            plan={"normalization": NORM},
+            normalization=NORM,
             cases=records,
             patch_zyx=read,
             batch_size=4,

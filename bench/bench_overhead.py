@@ -86,6 +86,7 @@ def _job(cfg: Config, *, name: str, storage: Path) -> Any:
 def _ensure_shards(path: Path) -> Path:
     if (path / "manifest.json").is_file():
         return path
+    from multitalent.convert.cli import generate_missing_raw
     from multitalent.convert.job import ConvertJob
     from multitalent.convert.pipeline import run_conversion
     from multitalent.jobs import load_job
@@ -95,6 +96,7 @@ def _ensure_shards(path: Path) -> Path:
         ConvertJob,
         [f"raw_root={path.parent / 'raw'}", f"out={path}", "synth.scale=0.5", "ray.num_cpus=2"],
     )
+    generate_missing_raw(job, log=lambda _: None)
     summary = run_conversion(job, log=lambda _: None)
     if not summary.ok:
         raise SystemExit(f"conversion of the phantom collection failed: {summary.failures}")

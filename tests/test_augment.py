@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from multitalent.data.augment import (
 from multitalent.data.augment_intensity import _std_mean, gaussian_kernels
 from multitalent.data.augment_spatial import affine_grid
 from multitalent.data.preview import render_grid, run
+from multitalent.preprocess.plan import PLAN_FILE, Normalization, Plan
 
 ALL_ON = all_on_config()
 INTENSITY_ONLY = dataclasses.replace(ALL_ON, p_rotation=0.0, p_scaling=0.0, p_mirror_zyx=(0.0, 0.0, 0.0))
@@ -369,9 +369,12 @@ def test_preview_cli_writes_a_png(tmp_path: Path):
     fg = np.argwhere(label == 1)[::50]
     fg = np.concatenate([np.zeros((len(fg), 1), dtype=np.int32), fg.astype(np.int32)], axis=1)
     write_case_zarr(tmp_path, _Case(image, label, fg), dataset_id="d1", case_id="c1")
-    (tmp_path / "plan.json").write_text(
-        json.dumps({"normalization": {"scheme": "ct", "clip": [-900, 200], "mean": -300.0, "std": 300.0}})
-    )
+    Plan(
+        catalog_name="test",
+        catalog_hash="0" * 64,
+        classes=("organ",),
+        normalization=Normalization(clip=(-900.0, 200.0), mean=-300.0, std=300.0),
+    ).save(tmp_path / PLAN_FILE)
     out = tmp_path / "grid.png"
     args = argparse.Namespace(shards=str(tmp_path), out=str(out), n=3, patch="8,16,16", seed=1)
     assert run(args) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from multitalent.catalog import load_preset
 from multitalent.convert.job import ConvertJob
 from multitalent.convert.pipeline import run_conversion
 from multitalent.jobs import load_job
+from multitalent.preprocess.plan import PLAN_FILE, Plan
 from multitalent.shards import decode_wds_sample, load_manifest, open_case_zarr, shard_urls, verify_case_zarr
 from multitalent.synth import FAULTS, WARNING_FAULTS, write_bad_cases, write_phantom_collection
 
@@ -45,10 +47,11 @@ def test_phantom_collection_converts_to_zarr_wds_plan_and_manifest(phantom_raw, 
     assert summary.ok and summary.skipped == 0 and summary.converted > 0
 
     catalog = load_preset("phantom")
-    plan = json.loads((out / "plan.json").read_text())
-    assert plan["catalog"]["hash"] == catalog.hash
-    assert plan["normalization"]["source"] == "collection"
+    plan = Plan.load(out / PLAN_FILE)
+    assert plan.catalog_hash == catalog.hash
+    assert plan.normalization.source == "collection"
     manifest = load_manifest(out)
+    assert manifest.plan_sha256 == plan.sha256 == hashlib.sha256((out / PLAN_FILE).read_bytes()).hexdigest()
     assert len(manifest.cases) == summary.converted
     assert {c.dataset_id for c in manifest.cases} == set(catalog.dataset_ids)
     assert not list(out.rglob(".tmp-*"))
@@ -70,8 +73,8 @@ def test_phantom_collection_converts_to_zarr_wds_plan_and_manifest(phantom_raw, 
         np.testing.assert_array_equal(case.label[...], arrays.label)
         np.testing.assert_array_equal(case.fg_locations, arrays.fg_locations)
         # Resampled to the plan's spacing, values clipped to the plan's range.
-        assert case.spacing_zyx_mm == pytest.approx(tuple(plan["target_spacing_zyx_mm"]))
-        lo, hi = plan["normalization"]["clip"]
+        assert case.spacing_zyx_mm == pytest.approx(plan.target_spacing_zyx_mm)
+        lo, hi = plan.normalization.clip
         assert lo - 1 <= arrays.image.min() and arrays.image.max() <= hi + 1
         declared = set(catalog.dataset(entry.dataset_id).labels) | {0}
         assert set(np.unique(arrays.label).tolist()) <= declared

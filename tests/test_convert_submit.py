@@ -6,13 +6,13 @@ working directory exactly as the README says, absolute output paths given with `
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster import LocalRayCluster, local_ray_cluster
+from multitalent.preprocess.plan import PLAN_FILE, Plan
 from multitalent.shards import load_manifest, verify_case_zarr
 
 pytestmark = pytest.mark.slow
@@ -47,9 +47,9 @@ def test_submitted_convert_job_writes_plan_manifest_and_shards(head: LocalRayClu
     assert result.status == "SUCCEEDED", result.logs[-3000:]
 
     # The job ran in the uploaded copy but wrote where the absolute paths point.
-    plan = json.loads((out / "plan.json").read_text())
+    plan = Plan.load(out / PLAN_FILE)
     manifest = load_manifest(out)
-    assert plan["catalog"]["hash"] == manifest.catalog_hash
+    assert plan.catalog_hash == manifest.catalog_hash
     assert {c.dataset_id for c in manifest.cases} == set(DATASETS)
     for case in manifest.cases:
         record = verify_case_zarr(out / case.zarr_path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +15,8 @@ from scipy import ndimage
 
 from multitalent.catalog import Catalog, DatasetSpec
 from multitalent.preprocess import (
+    DEFAULT_SPACING_ZYX_MM,
+    PLAN_FILE,
     IntensityStats,
     Normalization,
     Plan,
@@ -28,6 +32,7 @@ from multitalent.preprocess import (
     restore_probabilities,
     separate_axis,
 )
+from multitalent.preprocess import plan as plan_module
 from multitalent.preprocess.resample import axis_matrix, nearest_indices
 
 LIVER = DatasetSpec.from_dict(
@@ -364,6 +369,52 @@ def test_plan_save_load_and_errors(tmp_path):
         Normalization(clip=(-1.0, 1.0), mean=0.0, std=0.0)
     with pytest.raises(PlanError, match="version"):
         Plan.from_dict({**plan.to_dict(), "version": 99})
+
+
+def test_plan_file_holds_the_canonical_bytes_its_sha256_names(tmp_path):
+    plan = make_plan()
+    path = plan.save(tmp_path / PLAN_FILE)
+    assert path.read_bytes() == plan.to_json().encode("utf-8")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == plan.sha256
+    assert Plan.load(path).sha256 == plan.sha256
+    assert [p.name for p in tmp_path.iterdir()] == [PLAN_FILE]  # no temporary left behind
+    assert plan.target_spacing_zyx_mm == DEFAULT_SPACING_ZYX_MM == (1.5, 1.0, 1.0)
+    with pytest.raises(PlanError, match=r"missing.*cannot read"):
+        Plan.load(tmp_path / "missing" / PLAN_FILE)
+
+
+def test_plan_save_failing_midway_keeps_the_old_plan(tmp_path, monkeypatch):
+    old = make_plan()
+    path = old.save(tmp_path / PLAN_FILE)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plan_module.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        make_plan((2.0, 1.0, 1.0)).save(path)
+    assert Plan.load(path) == old
+    assert [p.name for p in tmp_path.iterdir()] == [PLAN_FILE]
+
+
+def test_plan_readers_never_see_a_partial_save(tmp_path):
+    path = tmp_path / PLAN_FILE
+    plans = [make_plan(), make_plan((2.0, 1.0, 1.0), per_class=7)]
+    plans[0].save(path)
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(300):
+            plans[i % 2].save(path)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = set()
+    while not done.is_set():
+        seen.add(Plan.load(path).sha256)  # a torn file would raise PlanError
+    thread.join()
+    assert seen <= {p.sha256 for p in plans}
 
 
 # ------------------------------------------------------------------------------------ cases

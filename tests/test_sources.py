@@ -15,17 +15,18 @@ import pytest
 import torch
 
 from multitalent.catalog import Catalog, ClassSpec, DatasetSpec
-from multitalent.data.batch import Batch, Normalization, PatchSample, collate
+from multitalent.data.batch import Batch, PatchSample, collate
 from multitalent.data.sources import (
     WebDatasetPatchSource,
     ZarrPatchSource,
     case_key,
     case_ref,
-    iter_shard_samples,
 )
+from multitalent.preprocess.plan import Normalization
 from multitalent.shards import (
     ShardError,
     decode_wds_sample,
+    iter_shard_samples,
     shard_urls,
     write_case_zarr,
     write_manifest,
@@ -34,8 +35,7 @@ from multitalent.shards import (
 
 SIZES = {"a": 1, "b": 4, "c": 9}
 PATCH = (4, 8, 8)
-PLAN = {"normalization": {"scheme": "ct", "clip": [-500, 300], "mean": 40.0, "std": 120.0, "source": "fixed"}}
-NORM = Normalization(-500.0, 300.0, 40.0, 120.0)
+NORM = Normalization(clip=(-500.0, 300.0), mean=40.0, std=120.0)
 
 
 def _catalog() -> Catalog:
@@ -92,7 +92,7 @@ def collection(tmp_path_factory) -> SimpleNamespace:
 def _common_args(col) -> dict:
     return {
         "catalog": col.catalog,
-        "plan": PLAN,
+        "normalization": NORM,
         "cases": col.records,
         "patch_zyx": PATCH,
         "batch_size": 3,
@@ -137,19 +137,16 @@ def test_collate_rejects_mixed_shapes():
         collate([a, b], annotated_dk=np.ones((1, 2), bool))
 
 
-def test_normalisation_from_plan_forms(tmp_path):
-    path = tmp_path / "plan.json"
-    path.write_text('{"normalization": {"clip": [-927, 275], "mean": 63.44, "std": 175.48}}')
-    n = Normalization.from_plan(path)
-    assert n == Normalization.from_plan(
-        {"normalization": {"clip": [-927, 275], "mean": 63.44, "std": 175.48}}
-    )
+def test_normalisation_apply_is_float32_clip_then_standardise():
+    n = Normalization(clip=(-927.0, 275.0), mean=63.44, std=175.48)
     x = np.array([-2000, 0, 275, 1000], np.int16)
-    np.testing.assert_allclose(n(x), (np.clip(x, -927, 275) - 63.44) / 175.48, rtol=1e-6)
-    with pytest.raises(ValueError, match=r"plan\.json"):
-        Normalization.from_plan(tmp_path / "missing" / "plan.json")
-    with pytest.raises(ValueError, match="normalization"):
-        Normalization.from_plan({"normalization": {"clip": [0, 1], "mean": 0}})
+    out = n.apply(x)
+    assert out.dtype == np.float32 and out.shape == x.shape
+    np.testing.assert_allclose(out, (np.clip(x, -927, 275) - 63.44) / 175.48, rtol=1e-6)
+    assert x.tolist() == [-2000, 0, 275, 1000]  # input untouched
+    y = np.zeros(3, np.float32)
+    assert n.apply(y) is not y  # a copy even for float32 input (readers hand in zarr buffers)
+    assert n.air == pytest.approx((-927 - 63.44) / 175.48, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------ same patches
@@ -172,9 +169,9 @@ def test_zarr_and_webdataset_give_identical_patches(collection):
             # against the written arrays: normalised interior, air (normalised lower clip) outside
             s = zsrc.read_sample(index[case.key], (0, 0, 0))
             np.testing.assert_allclose(
-                s.image_czyx[0, 2:, 4:, 4:], NORM(ref.image_zyx[:2, :4, :4]), rtol=1e-6
+                s.image_czyx[0, 2:, 4:, 4:], NORM.apply(ref.image_zyx[:2, :4, :4]), rtol=1e-6
             )
-            air = NORM(np.array([NORM.clip_lo]))[0]
+            air = NORM.air
             assert air < -1 and (s.image_czyx[0, :2] == air).all() and (s.label_zyx[:2] == 0).all()
     assert seen == set(collection.arrays)
 
@@ -281,7 +278,12 @@ def test_dataloader_workers_yield_the_requested_batches(collection):
 # ------------------------------------------------------------------------------------ sources of data
 def test_zarr_source_reads_the_manifest_when_no_cases_are_given(collection):
     src = ZarrPatchSource(
-        collection.root, catalog=collection.catalog, plan=PLAN, patch_zyx=PATCH, batch_size=2, num_batches=1
+        collection.root,
+        catalog=collection.catalog,
+        normalization=NORM,
+        patch_zyx=PATCH,
+        batch_size=2,
+        num_batches=1,
     )
     assert sorted(case_key(*r) for r in src.refs) == sorted(collection.arrays)
     assert len(list(src)) == 1

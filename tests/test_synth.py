@@ -156,3 +156,25 @@ def test_cli_writes_and_summarises(tmp_path: Path, capsys: pytest.CaptureFixture
     for d in CATALOG.datasets:
         assert d.id in text and (tmp_path / "raw" / d.location).is_dir()
     assert "7 datasets, 7 cases" in text
+
+
+def test_convert_command_writes_the_phantom_collection_only_when_asked_and_missing(tmp_path: Path) -> None:
+    from multitalent.convert.cli import generate_missing_raw
+    from multitalent.convert.job import ConvertJob
+    from multitalent.jobs import load_job
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = tmp_path / "raw"
+
+    def job(*sets: str) -> ConvertJob:
+        return load_job(
+            repo / "jobs" / "convert.yaml", ConvertJob, [f"raw_root={raw}", f"out={tmp_path / 'out'}", *sets]
+        )
+
+    logged: list[str] = []
+    assert not generate_missing_raw(job("synth=null"), log=logged.append) and not raw.exists()
+    assert generate_missing_raw(job("synth.scale=0.01"), log=logged.append)
+    assert all((raw / d.location).is_dir() for d in CATALOG.datasets)
+    assert len(logged) == 1 and "phantom collection" in logged[0]
+    assert not generate_missing_raw(job("synth.scale=0.01"), log=logged.append)  # exists: left alone
+    assert len(logged) == 1

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from multitalent.jobs import StrictModel
+from multitalent.preprocess.plan import DEFAULT_SPACING_ZYX_MM
 
 
 class SynthSection(StrictModel):
@@ -38,7 +39,7 @@ class NormalizationSection(StrictModel):
 
 
 class PreprocessSection(StrictModel):
-    target_spacing_zyx_mm: list[float] = Field(default_factory=lambda: [1.5, 1.0, 1.0])
+    target_spacing_zyx_mm: list[float] = Field(default_factory=lambda: list(DEFAULT_SPACING_ZYX_MM))
     normalization: NormalizationSection = NormalizationSection()
     fg_locations_per_class: int = Field(default=10_000, gt=0)
     anisotropy_threshold: float = Field(default=3.0, gt=1)

@@ -4,12 +4,15 @@ Passes, each resumable:
 
 1. discover the raw cases of every dataset of the catalog;
 2. scan (only for collection-wide normalisation): validate each case and draw a foreground
-   intensity sample, cached per case, then compute the statistics and write ``plan.json``;
+   intensity sample, cached per case, then compute the statistics and save the plan
+   (:meth:`~multitalent.preprocess.Plan.save`, ``plan.json``);
 3. convert each case in a Ray task into its Zarr store, skipping stores whose checksum verifies
    and whose inputs and plan are unchanged;
 4. pack the WebDataset shards and write ``manifest.json``; failures go to ``report.json``.
 
 No pass leaves a partial file visible: every file is written to a temporary name and renamed.
+The raw collection must exist; ``multitalent convert`` generates the phantom one first when the job
+asks for it (``synth:``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from multitalent.catalog import Catalog, load_catalog
 from multitalent.convert.job import ConvertJob
+
+if TYPE_CHECKING:
+    from multitalent.preprocess import Plan
 
 
 @dataclass
@@ -97,7 +103,7 @@ def _run_tasks(
     return results
 
 
-def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> Any:
+def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> Plan:
     from multitalent.preprocess import IntensityStats, Normalization, Plan
 
     norm = job.preprocess.normalization
@@ -120,16 +126,14 @@ def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> 
 def run_conversion(
     job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print
 ) -> ConvertSummary:
+    """Convert ``job.raw_root`` (which must exist; see ``convert.cli.generate_missing_raw``) into
+    ``job.out``."""
+    from multitalent.preprocess import PLAN_FILE
     from multitalent.raycluster import ray_session
     from multitalent.shards import CaseRecord, remove_temp_entries, write_manifest, write_shards
 
     catalog = _selected_catalog(job)
     raw_root, out = Path(job.raw_root), Path(job.out)
-    if job.synth is not None and not raw_root.exists():
-        from multitalent.synth import write_phantom_collection
-
-        log(f"raw data {raw_root} missing: writing the phantom collection (seed {job.synth.seed})")
-        write_phantom_collection(raw_root, seed=job.synth.seed, scale=job.synth.scale)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / ".work" / "samples"
     cache.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,7 @@ def run_conversion(
             samples = [np.load(r["sample"]) for r in scanned if r["status"] == "ok"]
             valid = [c for c in cases if (c.dataset_id, c.case_id) not in bad]
         plan = _make_plan(job, catalog, samples)
-        _atomic_write_text(out / "plan.json", plan.to_json())
+        plan.save(out / PLAN_FILE)
         n = plan.normalization
         clip = f"[{n.clip[0]:.0f}, {n.clip[1]:.0f}]"
         log(f"plan {plan.sha256[:12]}: clip {clip} HU, mean {n.mean:.2f}, std {n.std:.2f}")
@@ -173,7 +177,7 @@ def run_conversion(
             [(c, by_id[c.dataset_id]) for c in valid],
             cpus=cpus,
             desc="convert",
-            kwargs={"plan_json": plan.to_json(), "plan_sha256": plan.sha256, "out": str(out)},
+            kwargs={"plan": plan, "out": str(out)},
         )
     records = []
     for r in results:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from multitalent.catalog import DatasetSpec
+
+if TYPE_CHECKING:
+    from multitalent.preprocess import Plan
 
 
 def _failed(case: Any, path: Path | str, reason: str) -> dict[str, Any]:
@@ -67,15 +70,17 @@ def scan_case(case: Any, dataset: DatasetSpec, *, samples: int, cache_dir: str) 
     }
 
 
-def convert_case(
-    case: Any, dataset: DatasetSpec, *, plan_json: str, plan_sha256: str, out: str
-) -> dict[str, Any]:
-    """Preprocess one case into its Zarr store, unless a verified store of the same inputs exists."""
-    from multitalent.preprocess import Plan, preprocess_case
+def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> dict[str, Any]:
+    """Preprocess one case into its Zarr store, unless a verified store of the same inputs exists.
+
+    The store is stamped with ``plan.sha256``; a store with another stamp is converted again.
+    """
+    from multitalent.preprocess import preprocess_case
     from multitalent.rawio import CaseError, load_case
     from multitalent.shards import verify_case_zarr, write_case_zarr, zarr_case_path
 
     out_root = Path(out)
+    plan_sha256 = plan.sha256
     digest = source_digest(case)
     store = zarr_case_path(out_root, case.dataset_id, case.case_id)
     if store.exists():
@@ -90,7 +95,6 @@ def convert_case(
         loaded = load_case(case, dataset)
     except CaseError as e:
         return _failed(case, e.path, e.reason)
-    plan = Plan.from_json(plan_json)
     key = f"{case.dataset_id}/{case.case_id}"
     pre = preprocess_case(loaded.image, loaded.label, loaded.affine, plan=plan, dataset=dataset, seed_key=key)
     record = write_case_zarr(

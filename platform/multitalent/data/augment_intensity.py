@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from multitalent.data.augment import AugmentParams
+    from multitalent.data.augment_params import AugmentParams
 
 _EPS = 1e-7
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from multitalent.data.augment import AugmentParams
+    from multitalent.data.augment_params import AugmentParams
 
 # (u, v) plane of the rotation about z, y, x: Q[u, u] = cos, Q[u, v] = sin, Q[v, u] = -sin, Q[v, v] = cos
 _ROTATION_PLANES = ((1, 2), (2, 0), (0, 1))

@@ -1,81 +1,20 @@
-"""The training batch, its collation, and the intensity normalisation applied by the readers.
+"""The training batch and its collation.
 
 Images are stored as int16 HU; readers turn them into ``(clip(x, lo, hi) - mean) / std`` float32 with
-the values of ``plan.json``'s ``normalization``. Labels stay raw uint8 values of each sample's own
-dataset; targets are built on the device via ``Catalog.region_lut()``.
+the plan's :class:`~multitalent.preprocess.plan.Normalization`. Labels stay raw uint8 values of each
+sample's own dataset; targets are built on the device via ``Catalog.region_lut()``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """CT normalisation ``(clip(x, lo, hi) - mean) / std``."""
-
-    clip_lo: float
-    clip_hi: float
-    mean: float
-    std: float
-
-    def __post_init__(self) -> None:
-        if not self.std > 0:
-            raise ValueError(f"normalization std must be > 0, got {self.std}")
-        if not self.clip_lo <= self.clip_hi:
-            raise ValueError(f"normalization clip [{self.clip_lo}, {self.clip_hi}] is not ordered")
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Float32 normalised copy of ``image`` (any shape, any numeric dtype)."""
-        x = image.astype(np.float32)  # always a copy, so the in-place steps below are safe
-        np.clip(x, self.clip_lo, self.clip_hi, out=x)
-        x -= np.float32(self.mean)
-        x *= np.float32(1.0 / self.std)
-        return x
-
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any], *, where: str = "plan") -> Normalization:
-        try:
-            lo, hi = d["clip"]
-            return cls(float(lo), float(hi), float(d["mean"]), float(d["std"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: invalid 'normalization' {dict(d)!r} ({e})") from None
-
-    @classmethod
-    def from_plan(cls, plan: Any) -> Normalization:
-        """From a plan: a ``Normalization``, a path to ``plan.json``, a plan dict, or an object with a
-        ``normalization`` attribute (dict or object with ``clip``/``mean``/``std``) or ``to_dict()``."""
-        if isinstance(plan, Normalization):
-            return plan
-        where = "plan"
-        if isinstance(plan, str | Path):
-            where = str(plan)
-            try:
-                plan = json.loads(Path(plan).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{where}: cannot read plan ({e})") from None
-        if isinstance(plan, Mapping):
-            if "normalization" not in plan:
-                raise ValueError(f"{where}: no 'normalization' entry")
-            norm = plan["normalization"]
-        elif hasattr(plan, "normalization"):
-            norm = plan.normalization
-        elif hasattr(plan, "to_dict"):
-            return cls.from_plan(plan.to_dict())
-        else:
-            raise TypeError(f"cannot take a normalisation from {type(plan).__name__}")
-        if not isinstance(norm, Mapping):
-            norm = {k: getattr(norm, k) for k in ("clip", "mean", "std") if hasattr(norm, k)}
-        return cls.from_mapping(norm, where=where)
 
 
 @dataclass

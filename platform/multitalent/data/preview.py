@@ -102,22 +102,23 @@ def _load_patches(
     """Read ``n`` patches of the loader's read size for ``patch`` from the Zarr stores of a collection.
 
     Returns ``(image_bczyx float32 normalised, label_bzyx uint8, keys)``; cases are drawn uniformly
-    with replacement. Normalisation ``(clip(x, lo, hi) - mean) / std`` comes from ``plan.json``.
+    with replacement. Normalisation ``(clip(x, lo, hi) - mean) / std`` comes from the collection's plan.
 
     Raises:
-        FileNotFoundError / ValueError naming the file when plan.json or the stores are missing or bad.
+        PlanError / FileNotFoundError / ValueError naming the file when the plan or the stores are
+        missing or bad.
     """
     import torch
 
     from multitalent.data.augment import AugmentConfig, read_shape_zyx
-    from multitalent.data.batch import Normalization
     from multitalent.data.sources import extract_patch
+    from multitalent.preprocess.plan import PLAN_FILE, Plan
     from multitalent.shards import open_case_zarr
 
-    plan_path = shards_dir / "plan.json"
+    plan_path = shards_dir / PLAN_FILE
     if not plan_path.is_file():
-        raise FileNotFoundError(f"{plan_path}: no plan.json (is --shards a converted output folder?)")
-    normalization = Normalization.from_plan(plan_path)
+        raise FileNotFoundError(f"{plan_path}: no {PLAN_FILE} (is --shards a converted output folder?)")
+    normalization = Plan.load(plan_path).normalization
     stores = sorted((shards_dir / "zarr").glob("*/*.zarr"))
     if not stores:
         raise FileNotFoundError(f"{shards_dir / 'zarr'}: no case stores <dataset_id>/<case_id>.zarr")

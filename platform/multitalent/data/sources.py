@@ -5,8 +5,9 @@ with probability ∝ n_d^-exponent (:mod:`.sampling`), then reads only the chunk
 the case's Zarr store. Each (rank, loader worker) has its own random stream
 ``SeedSequence([seed, rank, worker])``; all of them see all cases.
 
-``WebDatasetPatchSource``: streaming over tar shards (local paths, ``file://``, ``http(s)://`` and any
-fsspec URL such as ``s3://``; ``pipe:`` commands through webdataset's opener). Each epoch the shard
+``WebDatasetPatchSource``: streaming over tar shards (local paths, ``file://``, ``http(s)://``, any
+fsspec URL such as ``s3://``, ``pipe:`` commands; opened and decoded by
+:mod:`multitalent.shards.wds_reader`). Each epoch the shard
 list is shuffled with ``(seed, epoch)`` (the same order on every rank) and split disjointly over
 ranks × workers with :func:`~.sampling.partition`; when there are fewer shards than slots, every slot
 reads all shards and keeps every ``slots``-th case instead. Each loaded case enters a shuffle buffer
@@ -25,15 +26,14 @@ predictable). Cases with ``k_c = 0`` are read and dropped.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multitalent.data.batch import Batch, Normalization, PatchSample, collate
+from multitalent.data.batch import Batch, PatchSample, collate
 from multitalent.data.patches import read_patch
 from multitalent.data.sampling import (
     DEFAULT_EXPONENT,
@@ -47,6 +47,8 @@ from multitalent.data.sampling import (
     stream_patch_counts,
     stream_rngs,
 )
+from multitalent.preprocess.plan import Normalization
+from multitalent.shards.wds_reader import decode_wds_sample, expand_shard_urls, iter_shard_samples
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -72,9 +74,13 @@ def extract_patch(
     normalised): the converter crops cases to the body, so what lies outside a stored case is air, not
     the collection's mean intensity (nnU-Net's 0 after normalisation). The label is padded with 0.
     """
-    air = float(normalization(np.array([normalization.clip_lo], dtype=np.float32))[0])
     image = read_patch(
-        image_zyx, center_zyx, patch_zyx, pad_value=air, dtype=np.float32, transform=normalization
+        image_zyx,
+        center_zyx,
+        patch_zyx,
+        pad_value=normalization.air,
+        dtype=np.float32,
+        transform=normalization.apply,
     )
     label = read_patch(label_zyx, center_zyx, patch_zyx, pad_value=0, dtype=np.uint8)
     return image[None], label
@@ -124,7 +130,7 @@ class ZarrPatchSource(IterableDataset):
     Args:
         root: converted output root (local path or fsspec URL) holding ``zarr/`` and ``manifest.json``.
         catalog: the label space; ``catalog.dataset_index`` maps datasets to ``dataset_idx_b``.
-        plan: ``plan.json`` path, dict or object (its ``normalization`` is applied).
+        normalization: the plan's intensity normalisation (``Plan.load(...).normalization``).
         cases: training cases (manifest entries, ``CaseRecord``s, ``(dataset, case)`` pairs or
             ``<dataset>__<case>`` keys); ``None`` takes every case of the manifest. ``n_d`` for the
             weights counts these cases.
@@ -140,7 +146,7 @@ class ZarrPatchSource(IterableDataset):
         root: str | Path,
         *,
         catalog: Any,
-        plan: Any,
+        normalization: Normalization,
         cases: Sequence[Any] | None = None,
         patch_zyx: Sequence[int],
         batch_size: int,
@@ -159,7 +165,7 @@ class ZarrPatchSource(IterableDataset):
         )
         self.root = str(root)
         self.catalog = catalog
-        self.normalization = Normalization.from_plan(plan)
+        self.normalization = normalization
         if cases is None:
             from multitalent.shards import load_manifest
 
@@ -256,58 +262,12 @@ def _manifest_cases(manifest: Any) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- streaming
-def open_url(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Any:
-    """A binary, sequentially readable stream of a shard.
-
-    Local paths and ``file://`` open directly; ``pipe:`` goes through webdataset's ``gopen``; anything
-    else through fsspec (HTTP is streamed without range requests, so any static server works).
-    """
-    from multitalent.shards import ShardError
-
-    scheme = urlparse(url).scheme
-    try:
-        if scheme in ("", "file") or (len(scheme) == 1 and Path(url).exists()):  # windows drive letters
-            path = urlparse(url).path if scheme == "file" else url
-            return open(path, "rb")
-        if scheme == "pipe":
-            import webdataset
-
-            return webdataset.gopen(url, "rb")
-        import fsspec
-
-        options = dict(storage_options or {})
-        if scheme in ("http", "https"):
-            options.setdefault("block_size", 0)  # streaming; no Range support needed
-        return fsspec.open(url, "rb", **options).open()
-    except Exception as e:
-        raise ShardError(url, f"cannot open shard ({type(e).__name__}: {e})") from e
-
-
-def iter_shard_samples(
-    url: str, *, storage_options: Mapping[str, Any] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Raw WebDataset samples (``__key__`` plus member bytes) of one tar shard, in file order."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    from multitalent.shards import ShardError
-
-    stream = open_url(url, storage_options=storage_options)
-    try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-    except ShardError:
-        raise
-    except Exception as e:
-        raise ShardError(url, f"unreadable shard ({type(e).__name__}: {e})") from e
-    finally:
-        stream.close()
-
-
 class WebDatasetPatchSource(IterableDataset):
     """Batches of patches streamed from WebDataset tar shards (see the module docstring).
 
     Args:
         urls: shard URLs or paths (e.g. ``multitalent.shards.shard_urls(out_root)``).
-        catalog, plan, patch_zyx, batch_size, seed, rank, world_size, exponent, fg_fraction: as for
+        catalog, normalization, patch_zyx, batch_size, seed, rank, world_size, exponent, fg_fraction: as for
             :class:`ZarrPatchSource`.
         cases: training cases; others in the stream are skipped. ``n_d`` counts these cases.
         dataset_sizes: instead of ``cases``, ``{dataset_id: n_training_cases}``; every streamed case of
@@ -323,7 +283,7 @@ class WebDatasetPatchSource(IterableDataset):
         urls: Sequence[str] | str,
         *,
         catalog: Any,
-        plan: Any,
+        normalization: Normalization,
         patch_zyx: Sequence[int],
         batch_size: int,
         seed: int = 0,
@@ -343,7 +303,7 @@ class WebDatasetPatchSource(IterableDataset):
         self.patch_zyx = _check_common(
             patch_zyx=patch_zyx, batch_size=batch_size, rank=rank, world_size=world_size
         )
-        self.urls = _expand_urls(urls)
+        self.urls = expand_shard_urls(urls)
         if not self.urls:
             raise ValueError("WebDatasetPatchSource: no shard URLs")
         if shuffle_buffer < 1 or not patches_per_case > 0:
@@ -351,7 +311,7 @@ class WebDatasetPatchSource(IterableDataset):
                 f"need shuffle_buffer >= 1 and patches_per_case > 0, got {shuffle_buffer}, {patches_per_case}"
             )
         self.catalog = catalog
-        self.normalization = Normalization.from_plan(plan)
+        self.normalization = normalization
         if cases is not None:
             refs = [case_ref(c) for c in cases]
             self.keys: set[str] | None = {case_key(d, c) for d, c in refs}
@@ -410,8 +370,6 @@ class WebDatasetPatchSource(IterableDataset):
         Over all ranks × workers these are disjoint and complete. Cases outside the training set are
         skipped before decoding.
         """
-        from multitalent.shards import decode_wds_sample
-
         urls, slot, slots = self.shard_plan(epoch, worker, num_workers)
         index = 0
         for url in urls:
@@ -500,15 +458,6 @@ class WebDatasetPatchSource(IterableDataset):
         )
 
 
-def _expand_urls(urls: Sequence[str] | str | Iterable[str]) -> list[str]:
-    """A list of URLs; a single string may be a brace pattern (``shard-{000000..000009}.tar``)."""
-    if isinstance(urls, str | Path):
-        import braceexpand
-
-        return list(braceexpand.braceexpand(str(urls)))
-    return [str(u) for u in urls]
-
-
 __all__ = [
     "Batch",
     "WebDatasetPatchSource",
@@ -516,6 +465,4 @@ __all__ = [
     "case_key",
     "case_ref",
     "extract_patch",
-    "iter_shard_samples",
-    "open_url",
 ]

@@ -13,9 +13,10 @@ from multitalent.models.backbones import (
     build_swin_unetr,
 )
 from multitalent.models.network import MultiTalentNet
+from multitalent.preprocess.plan import DEFAULT_SPACING_ZYX_MM
 
 PAPER_PATCH_SIZE_ZYX = (96, 192, 192)
-PAPER_SPACING_ZYX_MM = (1.5, 1.0, 1.0)
+PAPER_SPACING_ZYX_MM = DEFAULT_SPACING_ZYX_MM  # the plan's default target spacing is the paper's
 
 
 class BackboneBuilder(Protocol):

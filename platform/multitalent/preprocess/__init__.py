@@ -13,7 +13,7 @@ from multitalent.preprocess.case import (
     restore_label,
     restore_probabilities,
 )
-from multitalent.preprocess.plan import Normalization, Plan, PlanError
+from multitalent.preprocess.plan import DEFAULT_SPACING_ZYX_MM, PLAN_FILE, Normalization, Plan, PlanError
 from multitalent.preprocess.resample import (
     resample_image,
     resample_label,
@@ -23,6 +23,8 @@ from multitalent.preprocess.resample import (
 from multitalent.preprocess.stats import IntensityStats, foreground_intensity_sample
 
 __all__ = [
+    "DEFAULT_SPACING_ZYX_MM",
+    "PLAN_FILE",
     "IntensityStats",
     "Normalization",
     "Plan",

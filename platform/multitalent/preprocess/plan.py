@@ -1,6 +1,8 @@
 """The preprocessing plan (``plan.json``): everything that decides the bytes of a converted case.
 
 Two conversions with equal ``Plan.sha256`` give identical preprocessed data for identical input.
+:meth:`Plan.save` is the one writer of ``plan.json`` and :meth:`Plan.load` the one reader; the file
+holds :meth:`Plan.to_json`'s canonical bytes, so its sha256 is :attr:`Plan.sha256`.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,9 @@ if TYPE_CHECKING:
     from multitalent.catalog import Catalog
 
 PLAN_VERSION = 1
-DEFAULT_SPACING_ZYX_MM = (1.5, 1.0, 1.0)
+PLAN_FILE = "plan.json"  # the plan's name in a converted collection's root
+# MultiTalent's target spacing (nnU-Net's 3d_fullres for its collection), (z, y, x) in mm.
+DEFAULT_SPACING_ZYX_MM: tuple[float, float, float] = (1.5, 1.0, 1.0)
 SOURCES = ("collection", "fixed")
 _INT16 = (-32768, 32767)
 
@@ -39,7 +45,8 @@ class PlanError(ValueError):
 class Normalization:
     """CT normalisation: clip to ``clip`` (HU), then ``(x - mean) / std``.
 
-    The preprocessed image is stored clipped, in HU; readers apply :meth:`apply`.
+    The preprocessed image is stored clipped, in HU; readers (the training sources, the preview,
+    inference) apply :meth:`apply`.
     """
 
     clip: tuple[float, float]
@@ -79,11 +86,20 @@ class Normalization:
         return cls(clip=MULTITALENT_CLIP, mean=MULTITALENT_MEAN, std=MULTITALENT_STD, source="fixed")
 
     def apply(self, image_hu: np.ndarray) -> np.ndarray:
-        """Normalised float32 image: ``(clip(x, lo, hi) - mean) / std``."""
-        x = np.clip(np.asarray(image_hu, dtype=np.float32), self.clip[0], self.clip[1])
+        """Normalised float32 copy of ``image_hu`` (any shape, any numeric dtype):
+        ``(clip(x, lo, hi) - mean) / std``, computed in float32."""
+        x = np.array(image_hu, dtype=np.float32)  # always a copy, so the in-place steps below are safe
+        np.clip(x, self.clip[0], self.clip[1], out=x)
         x -= np.float32(self.mean)
-        x /= np.float32(self.std)
+        # times the float32 reciprocal, as the training data has always been normalised (not x / std,
+        # which differs in the last bit)
+        x *= np.float32(1.0 / self.std)
         return x
+
+    @property
+    def air(self) -> float:
+        """The normalised value of the lower clip (air): what lies outside a body-cropped case."""
+        return float(self.apply(np.array([self.clip[0]], dtype=np.float32))[0])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +132,7 @@ class Plan:
     catalog_hash: str
     classes: tuple[str, ...]
     normalization: Normalization
-    target_spacing_zyx_mm: tuple[float, float, float] = (1.5, 1.0, 1.0)
+    target_spacing_zyx_mm: tuple[float, float, float] = DEFAULT_SPACING_ZYX_MM
     anisotropy_threshold: float = 3.0
     image_dtype: str = "int16"
     fg_locations_per_class: int = 10_000
@@ -142,7 +158,7 @@ class Plan:
         catalog: Catalog,
         *,
         normalization: Normalization | None = None,
-        target_spacing_zyx_mm: Sequence[float] = (1.5, 1.0, 1.0),
+        target_spacing_zyx_mm: Sequence[float] = DEFAULT_SPACING_ZYX_MM,
         fg_locations_per_class: int = 10_000,
     ) -> Plan:
         """A plan for ``catalog``; normalisation defaults to MultiTalent's fixed values."""
@@ -215,16 +231,35 @@ class Plan:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        """Write ``plan.json`` (pretty-printed; the hash does not depend on formatting)."""
+        """Write the plan to ``path`` (by convention ``<collection>/plan.json``, see :data:`PLAN_FILE`).
+
+        The file holds :meth:`to_json`'s canonical bytes. It is written to a hidden ``.tmp-*``
+        sibling, synced, then renamed over ``path``: readers see the old plan or the new one, never
+        a partial file (the converter's cleanup removes ``.tmp-*`` leftovers of a killed run).
+        """
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n")
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)  # atomic (same folder, POSIX rename)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """Read a plan written by :meth:`save`.
+
+        Raises:
+            PlanError: naming ``path``, when it is missing, unreadable, not JSON or not a valid plan.
+        """
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise PlanError(f"{path}: cannot read plan: {e.strerror}") from None
         try:

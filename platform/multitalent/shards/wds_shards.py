@@ -1,4 +1,4 @@
-"""WebDataset tar shards of whole cases: deterministic packing, decoding, shard listing.
+"""WebDataset tar shards of whole cases: deterministic packing (reading: :mod:`.wds_reader`).
 
 Each sample ``<dataset_id>__<case_id>`` has members ``image.npy.zst`` (int16 (z, y, x)),
 ``label.npy.zst`` (uint8 (z, y, x)), ``fg_locations.npy.zst`` (int32 (N, 4)) and ``meta.json`` (the
@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from multitalent.shards._common import (
-    TMP_PREFIX,
     ShardError,
     canonical_json,
     temp_sibling,
 )
 from multitalent.shards.digest import case_digest
-from multitalent.shards.zarr_store import ARRAY_DTYPES, CaseRecord, open_case_zarr
+from multitalent.shards.zarr_store import CaseRecord, open_case_zarr
 
 DEFAULT_ZSTD_LEVEL = 3
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -56,18 +54,6 @@ class ShardInfo:
     @property
     def n_cases(self) -> int:
         return len(self.keys)
-
-
-@dataclass
-class CaseArrays:
-    """A decoded sample: ``image`` int16 (z, y, x), ``label`` uint8 (z, y, x), ``fg_locations`` int32
-    (N, 4) rows [local_class, z, y, x], ``meta`` the case attributes (see data_shards/README.md)."""
-
-    key: str
-    image: np.ndarray
-    label: np.ndarray
-    fg_locations: np.ndarray
-    meta: dict[str, Any]
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -241,101 +227,3 @@ def write_shards(
         if stale.name not in keep:
             stale.unlink()
     return infos
-
-
-def _payload(value: Any) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"expected raw bytes, got {type(value).__name__}")
-
-
-def _decode_array(sample: Mapping[str, Any], name: str, where: str) -> np.ndarray:
-    if f"{name}.npy.zst" in sample:
-        from numcodecs import Zstd
-
-        raw = bytes(Zstd().decode(_payload(sample[f"{name}.npy.zst"])))
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    if f"{name}.npy" in sample:
-        value = sample[f"{name}.npy"]
-        if isinstance(value, np.ndarray):  # already decoded by a webdataset .decode() stage
-            return value
-        return np.load(io.BytesIO(_payload(value)), allow_pickle=False)
-    raise ShardError(where, f"sample has no {name}.npy.zst or {name}.npy member")
-
-
-def decode_wds_sample(sample: Mapping[str, Any], *, verify: bool = False) -> CaseArrays:
-    """Decode one raw WebDataset sample (a dict of member extension -> bytes) into arrays.
-
-    Use as ``webdataset.WebDataset(urls, shardshuffle=...).map(decode_wds_sample)``; a preceding
-    ``.decode()`` stage is tolerated (decoded ``.npy``/``.json`` values are accepted).
-    ``verify=True`` recomputes the content digest and compares it with ``meta["sha256"]``.
-
-    Raises:
-        ShardError: a member is missing, or dtypes/shapes/keys disagree with ``meta.json``.
-    """
-    key = str(sample.get("__key__", ""))
-    where = f"{sample.get('__url__', '<sample>')}:{key}"
-    try:
-        image, label, fg = (_decode_array(sample, n, where) for n in ("image", "label", "fg_locations"))
-        meta_raw = sample["meta.json"]
-        meta = dict(meta_raw) if isinstance(meta_raw, Mapping) else json.loads(_payload(meta_raw))
-    except ShardError:
-        raise
-    except KeyError as e:
-        raise ShardError(where, f"sample has no {e.args[0]} member") from None
-    except Exception as e:
-        raise ShardError(where, f"cannot decode sample ({type(e).__name__}: {e})") from e
-    for name, arr in (("image", image), ("label", label), ("fg_locations", fg)):
-        if arr.dtype != ARRAY_DTYPES[name]:
-            raise ShardError(where, f"{name} has dtype {arr.dtype}, expected {ARRAY_DTYPES[name]}")
-    shape = tuple(meta.get("shape_zyx", ()))
-    if image.shape != shape or label.shape != shape or fg.ndim != 2 or fg.shape[1] != 4:
-        raise ShardError(
-            where, f"shapes image {image.shape}, label {label.shape}, fg {fg.shape} vs shape_zyx {shape}"
-        )
-    meta_key = f"{meta.get('dataset_id')}__{meta.get('case_id')}"
-    if key and key != meta_key:
-        raise ShardError(where, f"sample key differs from meta.json's {meta_key}")
-    if verify and case_digest(image=image, label=label, fg_locations=fg, attrs=meta) != meta.get("sha256"):
-        raise ShardError(where, "content digest differs from meta.json's sha256")
-    return CaseArrays(key=meta_key, image=image, label=label, fg_locations=fg, meta=meta)
-
-
-def shard_urls(out_root: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """The shard files under ``<out_root>/wds/`` in order, as paths or URLs for ``webdataset``.
-
-    ``out_root`` may be an fsspec URL (``s3://bucket/collection``); the shards are then listed
-    through fsspec (register the scheme for webdataset with :func:`enable_fsspec_urls`).
-    """
-    root = str(out_root)
-    if "://" not in root:
-        return [str(p) for p in sorted((Path(root) / "wds").glob("shard-*.tar"))]
-    import fsspec
-
-    fs, base = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
-    paths = sorted(
-        p for p in fs.glob(f"{base.rstrip('/')}/wds/shard-*.tar") if not Path(p).name.startswith(TMP_PREFIX)
-    )
-    return [fs.unstrip_protocol(p) for p in paths]
-
-
-def enable_fsspec_urls(*schemes: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Let ``webdataset`` open ``<scheme>://`` URLs through fsspec (e.g. ``"s3"``, ``"gs"``, ``"az"``).
-
-    webdataset 1.0 opens http(s) with curl and knows no s3; this registers an fsspec opener in
-    ``webdataset.gopen.gopen_schemes`` for each scheme (call it in every dataloader worker process
-    that is not forked from the caller).
-    """
-    import importlib
-
-    import fsspec
-
-    # ``webdataset.gopen`` the attribute is the function; the dispatch table lives in the module.
-    gopen = importlib.import_module("webdataset.gopen")
-    opts = dict(storage_options or {})
-
-    def _open(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
-        return fsspec.open(url, mode, **opts).open()
-
-    for scheme in schemes or ("s3", "gs", "az", "abfs"):
-        gopen.gopen_schemes[scheme] = _open

@@ -141,7 +141,7 @@ class Tracking(CallbackBase):
         )
         t = self.tracker
         t.log_job(resolved_yaml(job))
-        t.log_plan(trainer.setup.plan_path)
+        t.log_plan(trainer.setup.plan)
         t.log_label_space(trainer.catalog)
         t.log_dict(trainer.ds_config, "deepspeed_config.json")
         t.log_dict(trainer.model_description, "model.json")

@@ -10,7 +10,6 @@ lower layer knows the job.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ if TYPE_CHECKING:
 
     from multitalent.distributed.deepspeed_config import DeepSpeedSettings
     from multitalent.distributed.ray_launch import WorkerGroup
+    from multitalent.preprocess.plan import Plan
     from multitalent.train.batches import AugmentPlan
     from multitalent.train.schedule import PolySchedule
     from multitalent.train.step import MultiTalentObjective
@@ -39,36 +39,36 @@ class DataSetup:
 
     root: Path
     catalog: Catalog
-    plan: dict[str, Any]
-    plan_path: Path
+    plan: Plan
     train_cases: list[Any]
     val_cases: list[Any]
 
     @property
     def spacing_zyx_mm(self) -> tuple[float, float, float]:
-        z, y, x = (float(s) for s in self.plan["target_spacing_zyx_mm"])
-        return (z, y, x)
+        return self.plan.target_spacing_zyx_mm
 
 
 def load_data_setup(job: TrainJob, *, catalog: Catalog | None = None) -> DataSetup:
-    """Read ``plan.json`` and ``manifest.json`` of ``job.shards.path`` and split the cases.
+    """Load the plan (``plan.json``) and ``manifest.json`` of ``job.shards.path`` and split the cases.
 
     Raises:
         FileNotFoundError: the folder, its plan or its manifest is missing (convert first).
+        PlanError: the plan is unreadable or invalid.
         ValueError: the shards were converted for another label space than the job's catalog.
     """
     from multitalent.data.sampling import split_cases
+    from multitalent.preprocess.plan import PLAN_FILE, Plan
     from multitalent.shards import load_manifest
 
     root = Path(job.shards.path)
-    plan_path = root / "plan.json"
+    plan_path = root / PLAN_FILE
     if not plan_path.is_file():
         raise FileNotFoundError(
-            f"{plan_path}: no plan.json; convert the collection first (multitalent convert JOB.yaml) "
+            f"{plan_path}: no {PLAN_FILE}; convert the collection first (multitalent convert JOB.yaml) "
             "or point shards.path at a converted folder"
         )
     catalog = catalog or load_catalog(job.catalog)
-    plan = json.loads(plan_path.read_text())
+    plan = Plan.load(plan_path)
     manifest = load_manifest(root)
     if manifest.catalog_hash != catalog.hash:
         raise ValueError(
@@ -80,7 +80,7 @@ def load_data_setup(job: TrainJob, *, catalog: Catalog | None = None) -> DataSet
         raise ValueError(f"{root}: no training cases in fold {job.validation.fold}")
     if job.validation.max_cases is not None:
         val = val[: job.validation.max_cases]
-    return DataSetup(root, catalog, plan, plan_path, train, val)
+    return DataSetup(root, catalog, plan, train, val)
 
 
 def build_model(job: TrainJob, catalog: Catalog, spacing_zyx_mm: tuple[float, float, float]) -> Any:
@@ -118,7 +118,7 @@ def zarr_source(
     return ZarrPatchSource(
         setup.root,
         catalog=setup.catalog,
-        plan=setup.plan,
+        normalization=setup.plan.normalization,
         cases=cases,
         patch_zyx=patch_zyx,
         batch_size=batch_size,
@@ -145,7 +145,7 @@ def webdataset_source_factory(
         source = WebDatasetPatchSource(
             urls,
             catalog=setup.catalog,
-            plan=setup.plan,
+            normalization=setup.plan.normalization,
             patch_zyx=patch_zyx,
             batch_size=job.micro_batch,
             seed=job.run.seed,
