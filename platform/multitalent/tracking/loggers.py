@@ -86,8 +86,9 @@ def log_label_space(run: MlflowRun, catalog: Catalog) -> None:
 
 
 def log_plan(run: MlflowRun, plan: Plan) -> None:
-    """The preprocessing plan as artifact ``plan.json`` (``plan.to_dict()``) and its settings as
-    ``plan.*`` parameters (the catalog part is left to :func:`log_label_space`)."""
+    """The preprocessing plan as artifact ``plan.json`` (the bytes :meth:`Plan.save` writes, so
+    :meth:`Plan.load` reads a downloaded copy) and its settings as ``plan.*`` parameters (the catalog
+    part is left to :func:`log_label_space`)."""
     if not run.enabled:
         return
     try:
@@ -95,7 +96,9 @@ def log_plan(run: MlflowRun, plan: Plan) -> None:
     except Exception as e:
         run.warnings.warn("log_plan", f"log_plan: {e}")
         return
-    log_dict(run, data, "plan.json")
+    from multitalent.preprocess.plan import PLAN_FILE
+
+    run.log_bytes(plan.to_json().encode("utf-8"), PLAN_FILE, kind="log_plan")
     run.log_params(flatten({k: v for k, v in data.items() if k != "catalog"}, "plan."))
 
 
