@@ -1,13 +1,19 @@
-"""The ``multitalent`` command.
+"""MultiTalent: train one CT segmentation network on many partially labelled datasets.
 
 Each subcommand names the module and function that implements it; that module is imported only
 when the subcommand runs, so ``multitalent --help`` never pays for torch, ray or mlflow.
+
+One error path for every command (:func:`main`): a mistake the user can fix (a job file, a path, a
+preset, a job of another kind, an unknown key) is one ``error:`` line on stderr and exit status 2;
+a closed pipe (``multitalent catalog show | head``) ends quietly; anything else is a bug, printed
+with its traceback and a request to report it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,16 +22,29 @@ Configure = Callable[[argparse.ArgumentParser], None]
 
 def _catalog_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="catalog_command", required=True, metavar="{show,list}")
-    show = sub.add_parser("show", help="print datasets and classes of a label space")
-    show.add_argument("--preset", default="multitalent13", help="preset name or catalog file")
+    show_help = "print the datasets and classes (one head each) of a label space"
+    show = sub.add_parser("show", help=show_help, description=show_help)
+    show.add_argument(
+        "--preset",
+        default="multitalent13",
+        help="preset name (see `multitalent catalog list`) or catalog JSON/YAML file (default: %(default)s)",
+    )
     show.add_argument("--json", action="store_true", help="print the catalog as JSON")
-    sub.add_parser("list", help="list the shipped presets")
+    list_help = "list the shipped presets with their dataset and class counts and hash"
+    sub.add_parser("list", help=list_help, description=list_help)
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write the raw phantom datasets into")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply case counts (>= 1 case per dataset)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed writes the same files (default: 0)"
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every dataset's case count, at least 1 case per dataset (default: 1.0)",
+    )
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +57,11 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a job field, dotted path (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cases found per dataset and the problems found without converting; start no Ray",
     )
 
 
@@ -65,7 +89,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="build every component (data, model, loss, DeepSpeed config, tracking) and take no step",
+        help="build every component (data, model, loss, DeepSpeed config, tracking), check the cluster's "
+        "resources, and take no step",
+    )
+    output = p.add_mutually_exclusive_group()
+    output.add_argument(
+        "--quiet", action="store_true", help="print no progress and no result table (errors only)"
+    )
+    output.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="print progress and the result as JSON lines (one object per line) for scripts",
     )
 
 
@@ -104,11 +138,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A mistake the user can fix (printed as one ``error:`` line), as opposed to a bug."""
+    from multitalent.catalog.model import CatalogError
+    from multitalent.jobs import UserError
+
+    return isinstance(e, (UserError, CatalogError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, func_name = args._target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(args) or 0)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        status = int(func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop writing, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if is_user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        import traceback
+
+        traceback.print_exc()
+        print(
+            f"\nmultitalent {args.command}: internal error ({type(e).__name__}). This is a bug, not a "
+            "mistake in your input: please report it to the MultiTalent maintainers with the traceback "
+            "above and the command you ran.",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

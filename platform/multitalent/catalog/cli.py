@@ -8,6 +8,11 @@ import json
 from multitalent.catalog.presets import available_presets, load_catalog
 
 
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, with an ellipsis when cut."""
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.catalog_command == "list":
         for name in available_presets():
@@ -22,15 +27,17 @@ def run(args: argparse.Namespace) -> int:
     if cat.description:
         print(cat.description)
     print()
-    print(f"{'id':>8s}  {'dataset':32s} {'layout':17s} {'cases':>5s} {'classes':>7s}")
+    w = max([8, *(len(d.id) for d in cat.datasets)])  # ids are never cut: they are what you type
+    print(f"{'id':>{w}s}  {'dataset':32s} {'layout':17s} {'cases':>5s} {'classes':>7s}")
     for d in cat.datasets:
-        print(f"{d.id:>8s}  {d.name[:32]:32s} {d.layout:17s} {d.num_cases:5d} {len(d.classes):7d}")
+        print(f"{d.id:>{w}s}  {clip(d.name, 32):32s} {d.layout:17s} {d.num_cases:5d} {len(d.classes):7d}")
     print()
-    print(f"{'#':>4s}  {'dataset':>8s}  {'class':34s} {'raw values':14s} groups")
+    print(f"{'#':>4s}  {'dataset':>{w}s}  {'class':34s} {'raw values':14s} groups")
     for c in cat.classes:
         raw = "{" + ",".join(map(str, c.raw_values)) + "}"
         kind = "region " if len(c.raw_values) > 1 else ""
-        print(f"{c.index:4d}  {c.dataset_id:>8s}  {c.name[:34]:34s} {kind + raw:14s} {','.join(c.groups)}")
+        name = clip(c.name, 34)
+        print(f"{c.index:4d}  {c.dataset_id:>{w}s}  {name:34s} {kind + raw:14s} {','.join(c.groups)}")
     print()
     print(
         f"{len(cat.datasets)} datasets, {cat.num_classes} classes, "

@@ -22,17 +22,39 @@ def load_preset(name: str) -> Catalog:
 
 
 def load_catalog(spec: str | Path) -> Catalog:
-    """A preset name, or a path to a catalog file (JSON or YAML with the preset format)."""
+    """A preset name, or a path to a catalog file (JSON or YAML with the preset format).
+
+    Raises:
+        CatalogError: an unknown preset, a missing file, or a file that is not a valid catalog (the
+            message names the file).
+    """
     path = Path(spec)
     if path.suffix.lower() in {".json", ".yaml", ".yml"}:
         if not path.is_file():
-            raise CatalogError(f"catalog file {path} does not exist")
-        text = path.read_text()
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+            raise CatalogError(
+                f"catalog file {path} does not exist (or give a preset: {', '.join(available_presets())})"
+            )
+        try:
+            text = path.read_text()
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
 
-            data = yaml.safe_load(text)
-        return Catalog.from_dict(data)
+                data = yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise CatalogError(f"catalog file {path}: cannot be read as {path.suffix[1:]}: {e}") from None
+        except Exception as e:  # yaml.YAMLError, without importing yaml for presets
+            raise CatalogError(f"catalog file {path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict) or "datasets" not in data:
+            raise CatalogError(
+                f"catalog file {path}: not a catalog (a mapping with a 'datasets' list is expected; "
+                "see platform/multitalent/catalog/presets/*.json)"
+            )
+        try:
+            return Catalog.from_dict(data)
+        except CatalogError as e:
+            raise CatalogError(f"catalog file {path}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CatalogError(f"catalog file {path}: not a valid catalog: {e!r}") from None
     return load_preset(str(spec))

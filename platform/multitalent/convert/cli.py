@@ -1,4 +1,4 @@
-"""``multitalent convert JOB.yaml``.
+"""``multitalent convert JOB.yaml [--set KEY=VALUE ...] [--address ADDR] [--dry-run]``.
 
 The command, not the pipeline, honours the job's ``synth:`` section: when ``raw_root`` does not exist
 it writes the phantom collection there first, so ``multitalent convert jobs/convert.yaml`` works on a
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multitalent.jobs import JobError, load_job
+from multitalent.jobs import load_job, require_absolute_in_submitted_job
 
 if TYPE_CHECKING:
     from multitalent.convert.job import ConvertJob
@@ -33,25 +33,65 @@ def generate_missing_raw(job: ConvertJob, *, log: Callable[[str], None] = print)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 all converted, 1 some case or dataset failed (or nothing valid remained; the
+    summary and ``report.json`` say which), 2 a mistake in the job (``multitalent.cli.main``)."""
     from multitalent.convert.job import ConvertJob
-    from multitalent.convert.pipeline import run_conversion
+    from multitalent.convert.pipeline import _selected_catalog, run_conversion
 
-    try:
-        job = load_job(args.job, ConvertJob, args.overrides)
-    except JobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    job = load_job(args.job, ConvertJob, args.overrides)
+    require_absolute_in_submitted_job({"raw_root": job.raw_root, "out": job.out}, where=args.job)
+    _selected_catalog(job)  # an unknown preset or a bad catalog file fails before anything is written
+    if args.dry_run:
+        return dry_run(job)
     generate_missing_raw(job)
     summary = run_conversion(job, address=args.address)
+    out = summary.out.resolve()
     print(
-        f"\n{summary.converted} converted, {summary.skipped} up to date, {len(summary.failures)} failed; "
-        f"{summary.shards} shards; output in {summary.out}"
+        f"\n{summary.cases_found} cases found: {summary.converted} converted, {summary.skipped} up to date, "
+        f"{len(summary.failures)} failed; {summary.shards} shards; output in {out}"
     )
     for w in summary.warnings:
-        print(f"warning: {w}")
+        print(f"warning: {w['dataset_id']}/{w['case_id']}: {w['message']}")
     for f in summary.failures:
-        print(f"FAILED {f['dataset_id']}/{f['case_id']}: {f['file']}: {f['reason']}", file=sys.stderr)
+        whole = " (whole dataset)" if f["case_id"] == "*" else ""
+        print(f"FAILED {f['dataset_id']}/{f['case_id']}: {f['file']}: {f['reason']}{whole}", file=sys.stderr)
+    if summary.error is not None:
+        print(f"error: nothing converted: {summary.error}; see {out / 'report.json'}", file=sys.stderr)
+        return 1
     if summary.failures:
-        print(f"some cases failed; see {summary.out / 'report.json'}", file=sys.stderr)
+        print(f"some cases failed; see {out / 'report.json'}", file=sys.stderr)
         return 1
     return 0
+
+
+def dry_run(job: ConvertJob) -> int:
+    """Print the cases found per dataset and what is wrong without converting (no Ray, no writes).
+    Exit 1 when a problem was found, else 0."""
+    from multitalent.convert.pipeline import _selected_catalog, discover
+
+    catalog = _selected_catalog(job)
+    raw_root = Path(job.raw_root)
+    print(f"catalog {catalog.name}: {len(catalog.datasets)} datasets; raw_root {raw_root.resolve()}")
+    if not raw_root.exists() and job.synth is not None:
+        print(
+            f"raw_root does not exist: the run writes the phantom collection there first "
+            f"(synth: seed {job.synth.seed}, scale {job.synth.scale}); nothing else to check"
+        )
+        return 0
+    found = discover(catalog, raw_root)
+    w = max(len(d.dataset_id) for d in found)
+    for d in found:
+        state = f"{len(d.cases):5d} cases" if d.usable else "  not usable"
+        print(f"  {d.dataset_id:{w}s}  {d.layout:17s} {state}  {d.root}")
+    problems = [f for d in found for f in d.failures]
+    for f in problems:
+        whole = " (whole dataset)" if f["case_id"] == "*" else ""
+        print(f"problem: {f['dataset_id']}/{f['case_id']}: {f['file']}: {f['reason']}{whole}")
+    total = sum(len(d.cases) for d in found)
+    print(
+        f"{total} cases found in {sum(d.usable for d in found)} of {len(found)} datasets; "
+        f"{len(problems)} problem(s) found without converting (bad image or label files show only "
+        "when converting); "
+        f"output would go to {Path(job.out).resolve()}"
+    )
+    return 1 if problems else 0

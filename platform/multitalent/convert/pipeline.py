@@ -10,6 +10,11 @@ Passes, each resumable:
    and whose inputs and plan are unchanged;
 4. pack the WebDataset shards and write ``manifest.json``; failures go to ``report.json``.
 
+Failures never stop other datasets: a dataset that cannot be read at all (missing folder, a
+``dataset.json`` declaring labels the catalog lacks, no label files) is one failure with case id
+``*``; a bad case is one failure; a case whose task raised unexpectedly is one failure too. When no
+valid case remains, ``report.json`` is still written and the summary says so (``summary.error``).
+
 No pass leaves a partial file visible: every file is written to a temporary name and renamed.
 The raw collection must exist; ``multitalent convert`` generates the phantom one first when the job
 asks for it (``synth:``).
@@ -36,16 +41,49 @@ if TYPE_CHECKING:
 
 @dataclass
 class ConvertSummary:
+    """``failures``: ``{dataset_id, case_id ("*" for the whole dataset), file, reason}``;
+    ``warnings``: ``{dataset_id, case_id, message}``; ``error``: why nothing was converted, if so."""
+
     converted: int = 0
     skipped: int = 0
+    cases_found: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
     shards: int = 0
     out: Path = Path()
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and self.error is None
+
+    def report(self) -> dict[str, Any]:
+        """What ``report.json`` holds."""
+        return {
+            "cases_found": self.cases_found,
+            "converted": self.converted,
+            "skipped": self.skipped,
+            "failed": len(self.failures),
+            "error": self.error,
+            "failures": sorted(self.failures, key=lambda f: (f["dataset_id"], f["case_id"])),
+            "warnings": sorted(self.warnings, key=lambda w: (w["dataset_id"], w["case_id"], w["message"])),
+        }
+
+
+@dataclass
+class DatasetFound:
+    """What discovery found for one dataset: its cases, and problems visible without converting
+    (``failures`` with case id ``*`` exclude the whole dataset; others are per case)."""
+
+    dataset_id: str
+    layout: str
+    root: Path
+    cases: list[Any] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not any(f["case_id"] == "*" for f in self.failures)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -59,25 +97,49 @@ def _selected_catalog(job: ConvertJob) -> Catalog:
     return catalog.subset(job.datasets) if job.datasets else catalog
 
 
-def _discover(catalog: Catalog, raw_root: Path) -> tuple[list[Any], list[dict[str, Any]]]:
-    from multitalent.rawio import discover_cases
+def _failure(dataset_id: str, case_id: str, file: Path | str, reason: str) -> dict[str, Any]:
+    return {"dataset_id": dataset_id, "case_id": case_id, "file": str(file), "reason": reason}
 
-    cases: list[Any] = []
-    failures: list[dict[str, Any]] = []
+
+def discover(catalog: Catalog, raw_root: Path) -> list[DatasetFound]:
+    """The raw cases of every dataset, and what is wrong without reading an image: a missing raw root
+    or dataset folder, an unreadable layout (``dataset.json``, ``meta.csv``), no cases, no label
+    files at all (whole dataset), a missing label file (one case)."""
+    from multitalent.rawio import CaseError, discover_cases
+    from multitalent.rawio.layouts import expected_label_path
+
+    found: list[DatasetFound] = []
     for dataset in catalog.datasets:
         root = raw_root / dataset.location
+        entry = DatasetFound(dataset.id, dataset.layout, root)
+        found.append(entry)
         if not root.is_dir():
-            failures.append(
-                {
-                    "dataset_id": dataset.id,
-                    "case_id": "*",
-                    "file": str(root),
-                    "reason": "dataset folder missing",
-                }
+            why = f"raw_root {raw_root} does not exist" if not raw_root.is_dir() else "dataset folder missing"
+            entry.failures.append(_failure(dataset.id, "*", root, f"{why} (layout {dataset.layout})"))
+            continue
+        try:
+            cases = discover_cases(dataset, root)
+        except CaseError as e:
+            entry.failures.append(_failure(dataset.id, "*", e.path, e.reason))
+            continue
+        if not cases:
+            why = f"no cases found (layout {dataset.layout})"
+            entry.failures.append(_failure(dataset.id, "*", root, why))
+            continue
+        labels = {c.case_id: c.label_path or expected_label_path(c, dataset) for c in cases}
+        missing = [c for c in cases if not labels[c.case_id].exists()]
+        if len(missing) == len(cases):
+            folder = labels[cases[0].case_id].parent
+            entry.failures.append(
+                _failure(dataset.id, "*", folder, f"no label files for any of the {len(cases)} cases")
             )
             continue
-        cases.extend(discover_cases(dataset, root))
-    return cases, failures
+        entry.failures += [
+            _failure(c.dataset_id, c.case_id, labels[c.case_id], f"missing label file for case {c.case_id!r}")
+            for c in missing
+        ]
+        entry.cases = cases
+    return found
 
 
 def _run_tasks(
@@ -89,16 +151,29 @@ def _run_tasks(
     desc: str,
     kwargs: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """Run ``fn(*call, **kwargs)`` as Ray tasks with a progress bar; results in completion order."""
+    """Run ``fn(*call, **kwargs)`` as Ray tasks with a progress bar; results in completion order.
+
+    ``call[0]`` is the case: a task that raised (a bug, not a bad case: those are returned as
+    failures) becomes a failure of that case, so it never stops the others.
+    """
     from tqdm import tqdm
 
     remote = ray.remote(fn).options(num_cpus=cpus, max_retries=1)
-    pending = [remote.remote(*call, **kwargs) for call in calls]
+    case_of = {remote.remote(*call, **kwargs): call[0] for call in calls}
+    pending = list(case_of)
     results: list[dict[str, Any]] = []
     with tqdm(total=len(pending), desc=desc, unit="case", file=sys.stderr, disable=None) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            results.extend(ray.get(done))
+            for ref in done:
+                try:
+                    results.append(ray.get(ref))
+                except Exception as e:  # RayTaskError wrapping the task's exception
+                    case = case_of[ref]
+                    cause = getattr(e, "cause", None) or e
+                    reason = f"unexpected error ({type(cause).__name__}: {cause}); a bug, please report it"
+                    failure = _failure(case.dataset_id, case.case_id, case.image_path, reason)
+                    results.append({"status": "failed", **failure})
             bar.update(len(done))
     return results
 
@@ -142,8 +217,15 @@ def run_conversion(
     for folder in [out, cache, out / "wds", *sorted((out / "zarr").glob("*"))]:
         remove_temp_entries(folder)
     summary = ConvertSummary(out=out)
-    cases, summary.failures = _discover(catalog, raw_root)
-    log(f"{len(cases)} cases in {len(catalog.datasets)} datasets under {raw_root}")
+    found = discover(catalog, raw_root)
+    cases = [c for d in found for c in d.cases]
+    summary.failures = [f for d in found for f in d.failures]
+    summary.cases_found = sum(len(d.cases) for d in found)
+    missing_label = {(f["dataset_id"], f["case_id"]) for f in summary.failures}
+    cases = [c for c in cases if (c.dataset_id, c.case_id) not in missing_label]
+    log(f"{summary.cases_found} cases in {len(catalog.datasets)} datasets under {raw_root}")
+    if not cases:
+        return _nothing_valid(summary, "no valid case found in any dataset")
     by_id = {d.id: d for d in catalog.datasets}
     calls = [(c, by_id[c.dataset_id]) for c in cases]
     cpus = job.ray.cpus_per_task
@@ -162,9 +244,13 @@ def run_conversion(
             )
             scanned.sort(key=lambda r: (r["dataset_id"], r["case_id"]))
             bad = {(r["dataset_id"], r["case_id"]) for r in scanned if r["status"] == "failed"}
-            summary.failures += [r for r in scanned if r["status"] == "failed"]
+            summary.failures += [_without_status(r) for r in scanned if r["status"] == "failed"]
             samples = [np.load(r["sample"]) for r in scanned if r["status"] == "ok"]
             valid = [c for c in cases if (c.dataset_id, c.case_id) not in bad]
+            if not samples:
+                return _nothing_valid(
+                    summary, "no valid case to compute the collection's intensity statistics from"
+                )
         plan = _make_plan(job, catalog, samples)
         plan.save(out / PLAN_FILE)
         n = plan.normalization
@@ -182,15 +268,18 @@ def run_conversion(
     records = []
     for r in results:
         summary.warnings += [
-            f"{r.get('dataset_id', '')}/{r.get('case_id', '')}: {w}" for w in r.get("warnings", [])
+            {"dataset_id": r["dataset_id"], "case_id": r["case_id"], "message": w}
+            for w in r.get("warnings", [])
         ]
         if r["status"] == "failed":
-            summary.failures.append(r)
+            summary.failures.append(_without_status(r))
             continue
         summary.converted += r["status"] == "converted"
         summary.skipped += r["status"] == "skipped"
         records.append(CaseRecord.from_dict(r["record"]))
     records.sort(key=lambda rec: (rec.dataset_id, rec.case_id))
+    if not records:
+        return _nothing_valid(summary, "every case failed")
     shards = write_shards(
         out,
         records,
@@ -200,14 +289,19 @@ def run_conversion(
     summary.shards = len(shards)
     write_manifest(out, records, shards, plan_sha256=plan.sha256, catalog_hash=catalog.hash)
     summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
-    report = {
-        "failures": summary.failures,
-        "warnings": sorted(summary.warnings),
-        "converted": summary.converted,
-        "skipped": summary.skipped,
-        "cases": len(records),
-    }
-    _atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    _atomic_write_text(out / "report.json", json.dumps(summary.report(), indent=1))
+    return summary
+
+
+def _without_status(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "status"}
+
+
+def _nothing_valid(summary: ConvertSummary, why: str) -> ConvertSummary:
+    """No plan, no manifest: the report says why (every failure listed)."""
+    summary.error = why
+    summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
+    _atomic_write_text(summary.out / "report.json", json.dumps(summary.report(), indent=1))
     return summary
 
 

@@ -90,7 +90,12 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> di
             and record.meta.get("source_sha256") == digest
             and (record.meta.get("plan_sha256") == plan_sha256)
         ):
-            return {"status": "skipped", "record": record.to_dict()}
+            return {
+                "status": "skipped",
+                "dataset_id": case.dataset_id,
+                "case_id": case.case_id,
+                "record": record.to_dict(),
+            }
     try:
         loaded = load_case(case, dataset)
     except CaseError as e:
@@ -104,4 +109,10 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> di
         case_id=case.case_id,
         extra_attrs={"source_sha256": digest, "plan_sha256": plan_sha256},
     )
-    return {"status": "converted", "record": record.to_dict(), "warnings": list(loaded.warnings)}
+    return {
+        "status": "converted",
+        "dataset_id": case.dataset_id,
+        "case_id": case.case_id,
+        "record": record.to_dict(),
+        "warnings": list(loaded.warnings),
+    }
