@@ -53,7 +53,7 @@ def test_training_job_dry_runs_as_written(path, tmp_path):
     assert f"ZeRO {job.zero_stage}" in text and "fresh start" in text
     assert report.deepspeed_config["train_micro_batch_size_per_gpu"] == job.micro_batch
     if not Path(job.shards.path).is_absolute() and not (REPO / job.shards.path).exists():
-        assert report.batch_shape is None and any("no plan.json" in w for w in report.warnings)
+        assert report.batch_shape is None and any("no plan.json" in e for e in report.errors)
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 

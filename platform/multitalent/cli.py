@@ -92,6 +92,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="build every component (data, model, loss, DeepSpeed config, tracking), check the cluster's "
         "resources, and take no step",
     )
+    p.add_argument(
+        "--wait-for-resources",
+        action="store_true",
+        help="wait instead of failing when the cluster lacks the workers' resources (nodes will be added)",
+    )
     output = p.add_mutually_exclusive_group()
     output.add_argument(
         "--quiet", action="store_true", help="print no progress and no result table (errors only)"

@@ -197,7 +197,7 @@ class Tracking(CallbackBase):
             if self.epoch_losses:
                 epoch_loss = sum(self.epoch_losses) / len(self.epoch_losses)
                 self.tracker.log_metrics({"train/epoch_loss": epoch_loss}, step=i)
-                trainer.state.curves.setdefault("train/epoch_loss", []).append([i + 1, epoch_loss])
+                trainer.state.curves.setdefault("train/epoch_loss", []).append([i, epoch_loss])
             self.epoch_losses = []
         validation = trainer.validation
         if validation is not None and validation.iteration == i + 1:
@@ -215,7 +215,8 @@ class Tracking(CallbackBase):
         self.tracker.log_metrics(metrics, step=step)
         for name in ("val/dice_mean/class", "val/dice_mean/dataset"):
             if name in metrics:
-                trainer.state.curves.setdefault(name, []).append([validation.iteration, metrics[name]])
+                # On the MLflow step of the metric (the iteration that ended), like the loss curve.
+                trainer.state.curves.setdefault(name, []).append([step, metrics[name]])
         for dataset_id, picture in validation.overlays.items():
             self.tracker.log_image(
                 picture, f"validation/epoch_{validation.epoch:04d}/overlay_{dataset_id}.png"
@@ -277,6 +278,103 @@ class Checkpointing(CallbackBase):
             trainer.save_checkpoint(self._metrics(trainer, None))
 
 
+class Progress(CallbackBase):
+    """Rank 0 appends one JSON object per line to ``run_dir/progress.jsonl`` (the driver prints them as
+    they come: :mod:`multitalent.train.progress`): ``start``; ``epoch`` at every epoch end (mean loss,
+    lr, samples/s, ETA, and the validation metrics when validation ran); ``step`` when an epoch runs
+    longer than ``heartbeat_s`` without a line; ``end``. Field meanings: ``progress.py``."""
+
+    def __init__(self, *, heartbeat_s: float = 60.0) -> None:
+        self.heartbeat_s = heartbeat_s
+        self.path: Path | None = None
+        self.losses: list[float] = []
+        self.iterations = 0
+        self.launch_iterations = 0
+        self.t_launch = self.t_epoch = self.t_line = time.perf_counter()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        import json
+
+        if self.path is None:
+            return
+        record = {**record, "time": time.time()}
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, allow_nan=False, default=float) + "\n")
+        except (OSError, ValueError) as e:
+            print(f"[multitalent] cannot write {self.path}: {e}", file=sys.stderr)
+
+    def on_start(self, trainer: Trainer) -> None:
+        if trainer.rank != 0:
+            return
+        from multitalent.train.progress import PROGRESS_FILE
+
+        self.path = trainer.run_dir / PROGRESS_FILE
+        self.t_launch = self.t_epoch = self.t_line = time.perf_counter()
+        s = trainer.job.schedule
+        self._write(
+            {
+                "event": "start",
+                "iteration": trainer.state.iteration,
+                "total": s.total_iterations,
+                "stop": trainer.stop_iteration,
+                "epochs": s.epochs,
+                "iterations_per_epoch": s.iterations_per_epoch,
+                "world_size": trainer.world_size,
+                "global_batch": trainer.job.batch.global_size,
+                "resumed_from": None if trainer.resumed_from is None else trainer.resumed_from.name,
+            }
+        )
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        if self.path is None:
+            return
+        if not result.skipped:
+            self.losses.append(result.loss)
+        self.iterations += 1
+        self.launch_iterations += 1
+        i, cadence = result.iteration, trainer.cadence
+        now = time.perf_counter()
+        epoch_end = cadence.epoch_end(i)
+        if not epoch_end and now - self.t_line < self.heartbeat_s:
+            return
+        seconds = max(now - self.t_epoch, 1e-9)
+        remaining = trainer.stop_iteration - (i + 1)
+        record: dict[str, Any] = {
+            "event": "epoch" if epoch_end else "step",
+            "epoch": cadence.epochs_done(i) if epoch_end else cadence.epochs_done(i) + 1,
+            "epochs": trainer.job.schedule.epochs,
+            "iteration": i + 1,
+            "total": trainer.job.schedule.total_iterations,
+            "loss": sum(self.losses) / len(self.losses) if self.losses else None,
+            "lr": result.lr,
+            "samples_per_s": self.iterations * trainer.job.batch.global_size / seconds,
+            "seconds": seconds,
+            "eta_s": (now - self.t_launch) / self.launch_iterations * remaining,
+            "skipped_nonfinite": trainer.state.skipped_nonfinite,
+        }
+        validation = trainer.validation
+        if validation is not None and validation.iteration == i + 1:
+            record["validation"] = validation.metrics
+        self._write(record)
+        self.t_line = now
+        if epoch_end:
+            self.losses, self.iterations, self.t_epoch = [], 0, now
+
+    def on_end(self, trainer: Trainer) -> None:
+        v = trainer.validation
+        self._write(
+            {
+                "event": "end",
+                "iteration": trainer.state.iteration,
+                "total": trainer.job.schedule.total_iterations,
+                "seconds": time.perf_counter() - self.t_launch,
+                "stop_reason": trainer.stop_reason,
+                "validation_iteration": None if v is None else v.iteration,
+            }
+        )
+
+
 class FaultInjection(CallbackBase):
     """Test-time faults (the job's ``debug:`` section): a NaN input image on rank 0 at the given
     iterations (its loss becomes non-finite), and a sleep after every step (slows a run down so a test
@@ -296,9 +394,9 @@ class FaultInjection(CallbackBase):
 
 
 def callbacks_for(job: TrainJob) -> list[Callback]:
-    """Validation, tracking and checkpointing in the order they must run, plus the job's
+    """Validation, tracking, checkpointing and progress in the order they must run, plus the job's
     fault injection when its ``debug:`` section asks for one."""
-    callbacks: list[Callback] = [Validation(), Tracking(), Checkpointing()]
+    callbacks: list[Callback] = [Validation(), Tracking(), Checkpointing(), Progress()]
     d = job.debug
     if d.poison_loss_at or d.sleep_per_iteration_s:
         callbacks.append(

@@ -1,12 +1,19 @@
-"""The driver side: :func:`run_training` (Ray Train on a local or given cluster) and :func:`dry_run`."""
+"""The driver side: :func:`run_training` (Ray Train on a local or given cluster) and :func:`dry_run`.
+
+Both check the cluster's resources against the workers' demand first (:mod:`multitalent.train.resources`):
+a demand the cluster can never meet is an error (a :class:`~multitalent.train.resources.ResourceError`),
+in the dry run as in the real run; a demand it meets only later (busy) is reported as a wait.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from multitalent.jobs import require_absolute_in_submitted_job
 from multitalent.train.checkpoint import (
     RUN_ID_FILE,
     STATE_FILE,
@@ -16,6 +23,8 @@ from multitalent.train.checkpoint import (
     run_checkpoints,
 )
 from multitalent.train.job import TrainJob
+from multitalent.train.progress import PROGRESS_FILE, OnProgress, ProgressTail, Record
+from multitalent.train.resources import ResourceCheck, ResourceError, check, worker_demand
 
 
 @dataclass
@@ -25,6 +34,8 @@ class TrainResult:
     ``iterations``: iterations done in the run so far (over all launches); ``losses[i]`` is the mean
     loss over ranks of iteration ``loss_iterations[i]`` (NaN: skipped as non-finite); both cover
     the whole run (earlier launches included). ``checkpoint`` is the final checkpoint folder.
+    ``validation``: the metrics of the last validation pass seen (``val/dice/...``), done at
+    ``validation_iteration`` iterations; empty when none ran.
     """
 
     ray_result: Any
@@ -38,6 +49,8 @@ class TrainResult:
     loss_iterations: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    validation: dict[str, float] = field(default_factory=dict)
+    validation_iteration: int | None = None
 
 
 def absolute_paths(job: TrainJob, base: Path | None = None) -> TrainJob:
@@ -94,14 +107,69 @@ def _result_from_checkpoint(ray_result: Any, job: TrainJob) -> TrainResult:
     )
 
 
-def run_training(job: TrainJob, *, address: str | None = None) -> TrainResult:
+def resource_check(job: TrainJob, nodes: list[dict[str, float]], available: Any = None) -> ResourceCheck:
+    w = job.workers
+    return check(
+        num_workers=w.num_workers,
+        demand=worker_demand(use_gpu=w.use_gpu, resources_per_worker=w.resources_per_worker),
+        strategy=w.placement_strategy,
+        nodes=nodes,
+        available=available,
+    )
+
+
+def _check_cluster(job: TrainJob, ray: Any, *, emit: OnProgress, wait: bool) -> Any:
+    """Fail at once when the cluster can never run the workers (unless an autoscaler may add nodes, or
+    ``wait``); say so when they must wait. Returns a ``waiting()`` for :class:`ProgressTail`."""
+    from multitalent.train.resources import cluster_nodes, has_autoscaler, placement_state
+
+    nodes, available = cluster_nodes(ray)
+    verdict = resource_check(job, nodes, available)
+    if not verdict.possible:
+        if not (wait or has_autoscaler(ray)):
+            raise ResourceError(verdict.problem())
+        emit(
+            {
+                "event": "waiting",
+                "message": verdict.problem().split(", so Ray")[0]
+                + "; waiting for nodes to be added (autoscaler, or --wait-for-resources)",
+            }
+        )
+    elif not verdict.free_now:
+        emit({"event": "waiting", "message": verdict.waiting()})
+
+    def waiting() -> str | None:
+        try:
+            now = resource_check(job, *cluster_nodes(ray))
+            state = placement_state(ray, num_workers=now.num_workers, demand=now.demand)
+        except Exception:  # the cluster is going away; the launch reports it
+            return None
+        if state == "PENDING" or (state is None and not now.free_now):
+            return now.waiting()
+        n = job.workers.num_workers
+        return f"the {n} worker(s) are starting (resources reserved; loading data and model)"
+
+    return waiting
+
+
+def run_training(
+    job: TrainJob,
+    *,
+    address: str | None = None,
+    on_progress: OnProgress | None = None,
+    wait_for_resources: bool = False,
+) -> TrainResult:
     """Train ``job`` with Ray Train: on the cluster at ``address``, the cluster of a submitted job
     (``RAY_ADDRESS``), or a local Ray started (and stopped) here.
 
     Relaunching a job with the same ``run.name``/``run.storage_path`` resumes it from its newest
-    verified checkpoint, in the same MLflow run.
+    verified checkpoint, in the same MLflow run. ``on_progress`` receives the progress records
+    (:mod:`multitalent.train.progress`) while the workers train; ``wait_for_resources``: wait, instead
+    of failing, when the cluster lacks the resources (nodes will be added).
 
     Raises:
+        ResourceError: the cluster can never run the workers (no GPUs, too few CPUs or nodes).
+        JobError: a relative path inside a submitted Ray job.
         NonFiniteLossError: the loss was non-finite more than ``nonfinite.max_consecutive`` times in
             a row (the result so far stays in the run directory).
         RuntimeError: the training failed more often than ``workers.max_failures`` allows.
@@ -111,23 +179,43 @@ def run_training(job: TrainJob, *, address: str | None = None) -> TrainResult:
     from multitalent.train.components import deepspeed_config, load_data_setup, worker_group
     from multitalent.train.loop import NonFiniteLossError, train_loop_per_worker
 
+    require_absolute_in_submitted_job(
+        {"shards.path": job.shards.path, "run.storage_path": job.run.storage_path}, where="train job"
+    )
     job = absolute_paths(job)
     deepspeed_config(job)  # configuration errors surface before any worker starts
     load_data_setup(job)
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {"job": job.model_dump(mode="python"), "run_dir": str(run_dir)}
-    with ray_session(address=address):
+    last_validation: list[Record] = []
+
+    def on_record(record: Record) -> None:
+        if record.get("validation"):
+            last_validation[:] = [record]
+        if on_progress is not None:
+            on_progress(record)
+
+    with ray_session(address=address) as ray:
+        waiting = _check_cluster(job, ray, emit=on_record, wait=wait_for_resources)
         trainer = build_trainer(
             worker_group(job),
             storage_path=Path(job.run.storage_path),
             train_loop=train_loop_per_worker,
             loop_config=loop_config,
         )
-        ray_result = trainer.fit()
+        with ProgressTail(run_dir / PROGRESS_FILE, on_record, waiting=waiting):
+            ray_result = trainer.fit()
     if getattr(ray_result, "error", None) is not None:
         raise RuntimeError(f"training of {run_dir} failed: {ray_result.error}") from ray_result.error
     result = _result_from_checkpoint(ray_result, job)
+    if last_validation:
+        result.validation = dict(last_validation[0]["validation"])
+        result.validation_iteration = int(last_validation[0]["iteration"])
+    else:  # resumed after the last pass: the final checkpoint's report carries it, if any
+        metrics = dict(getattr(ray_result, "metrics", None) or {})
+        result.validation = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        result.validation_iteration = int(metrics["iteration"]) if result.validation else None
     if result.stop_reason:
         raise NonFiniteLossError(f"{run_dir}: training stopped: {result.stop_reason}")
     return result
@@ -136,24 +224,29 @@ def run_training(job: TrainJob, *, address: str | None = None) -> TrainResult:
 # ---------------------------------------------------------------------------------------------- dry run
 @dataclass
 class DryRunReport:
-    """Everything a launch would build, described; ``warnings`` for what could not be built."""
+    """Everything a launch would build, described. ``errors``: what would stop the real run (missing
+    shards, a cluster that can never run the workers), so the dry run fails on them too; ``warnings``:
+    what the real run only warns about (a bad checkpoint it skips, workers that must wait)."""
 
     lines: list[str]
     warnings: list[str]
     deepspeed_config: dict[str, Any]
     batch_shape: tuple[int, ...] | None
+    errors: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         return "\n".join(self.lines + [f"WARNING: {w}" for w in self.warnings])
 
 
-def dry_run(job: TrainJob) -> DryRunReport:
+def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> DryRunReport:
     """Build every component of the job as rank 0 of a worker would, and take no step.
 
     The same :func:`~multitalent.train.components.assemble` as the workers: DeepSpeed config, catalog,
     plan and splits, network, objective, optimizer and schedule, the job's data source (Zarr or
     WebDataset) and one batch of it; then Ray's scaling/run configuration, the tracking and resume
-    state. Missing shards are a warning (everything that does not need them is built).
+    state. Missing shards are an error in ``errors`` (everything that does not need them is still
+    built). ``cluster``: the nodes' total resources to check the workers against (see
+    :func:`cluster_for_dry_run`); ``None`` checks nothing.
 
     Raises:
         DeepSpeedConfigError, ValueError: an inconsistent job (a derived key set twice, a patch the
@@ -182,8 +275,14 @@ def dry_run(job: TrainJob) -> DryRunReport:
     batch_shape: tuple[int, ...] | None = None
     augment = parts.augment
     setup = parts.setup
+    errors: list[str] = []
+    if cluster is not None:
+        verdict = resource_check(job, cluster)
+        lines.append(f"cluster: {_describe_nodes(cluster)}; can run {verdict.capacity} such worker(s)")
+        if not verdict.possible:
+            errors.append(verdict.problem())
     if setup is None:
-        warnings.append(f"data: {parts.data_error}")
+        errors.append(f"data: {parts.data_error}")
     else:
         lines.append(
             f"data: {setup.root} ({job.shards.source}); {len(setup.train_cases)} training / "
@@ -221,4 +320,24 @@ def dry_run(job: TrainJob) -> DryRunReport:
         f"run: {job.run_dir} ({where}; keep {job.checkpoint.keep}, every {job.checkpoint.every_iterations})"
     )
     warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
-    return DryRunReport(lines, warnings, parts.deepspeed_config, batch_shape)
+    return DryRunReport(lines, warnings, parts.deepspeed_config, batch_shape, errors)
+
+
+def _describe_nodes(nodes: list[dict[str, float]]) -> str:
+    from multitalent.train.resources import describe
+
+    return f"{len(nodes)} node(s): " + ", ".join(describe(n) for n in nodes)
+
+
+def cluster_for_dry_run(address: str | None) -> tuple[list[dict[str, float]], str]:
+    """The nodes a real run of the same command would use: the cluster at ``address`` (or of a
+    submitted job), else this machine (what a local Ray would start with). Also says which."""
+    from multitalent.train.resources import cluster_nodes, local_machine
+
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return local_machine(), "this machine (local Ray)"
+    from multitalent.raycluster import ray_session
+
+    with ray_session(address=address) as ray:
+        nodes, _ = cluster_nodes(ray)
+    return nodes, f"the cluster at {address or os.environ.get('RAY_ADDRESS')}"
