@@ -119,20 +119,21 @@ def resource_check(job: TrainJob, nodes: list[dict[str, float]], available: Any 
 
 
 def _check_cluster(job: TrainJob, ray: Any, *, emit: OnProgress, wait: bool) -> Any:
-    """Fail at once when the cluster can never run the workers (unless an autoscaler may add nodes, or
-    ``wait``); say so when they must wait. Returns a ``waiting()`` for :class:`ProgressTail`."""
-    from multitalent.train.resources import cluster_nodes, has_autoscaler, placement_state
+    """Fail at once when the cluster can never run the workers (unless ``wait``: an autoscaler will add
+    nodes; Ray does not tell which node types it can add); say so when they must wait. Returns a
+    ``waiting()`` for :class:`ProgressTail`."""
+    from multitalent.train.resources import cluster_nodes, placement_state
 
     nodes, available = cluster_nodes(ray)
     verdict = resource_check(job, nodes, available)
     if not verdict.possible:
-        if not (wait or has_autoscaler(ray)):
+        if not wait:
             raise ResourceError(verdict.problem())
         emit(
             {
                 "event": "waiting",
                 "message": verdict.problem().split(", so Ray")[0]
-                + "; waiting for nodes to be added (autoscaler, or --wait-for-resources)",
+                + "; waiting for nodes to be added (--wait-for-resources)",
             }
         )
     elif not verdict.free_now:

@@ -95,7 +95,8 @@ class ResourceCheck:
         )
         return (
             f"the job needs {need}, but the cluster ({describe(self.cluster_total)} in total) can run "
-            f"at most {self.capacity} such worker(s), so Ray would wait forever: {hint}"
+            f"at most {self.capacity} such worker(s), so Ray would wait forever: {hint} (on an autoscaling "
+            "cluster that will add such nodes, pass --wait-for-resources)"
         )
 
     def waiting(self) -> str:
@@ -121,6 +122,8 @@ def check(
     for n in nodes:
         for k, v in n.items():
             total[k] = total.get(k, 0.0) + float(v)
+    for k in ("CPU", "GPU"):  # shown even when zero: "no GPU" is the point of many messages
+        total.setdefault(k, 0.0)
     free_now = True
     if available is not None:
         free_now = all(available.get(k, 0.0) + 1e-9 >= v * num_workers for k, v in demand.items())
@@ -172,14 +175,3 @@ def placement_state(ray: object, *, num_workers: int, demand: Resources) -> str 
         ):
             return str(pg.get("state"))
     return None
-
-
-def has_autoscaler(ray: object) -> bool:
-    """Whether the connected cluster runs Ray's autoscaler (then missing nodes may still come)."""
-    try:
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
-    except Exception:  # an API that moved: assume none
-        return False
