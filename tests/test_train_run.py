@@ -10,8 +10,13 @@ Ray Train at most once (~30-60 s each on 2 busy cores; the fixture launches twic
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +64,23 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, phantom_shards, tmp_path_factory):
+def progress_records() -> dict[str, list[dict]]:
+    """The progress records of the reference run's two launches (filled by ``reference``)."""
+    return {"first": [], "second": []}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, phantom_shards, tmp_path_factory, progress_records):
     """``(first launch, final result)``: 6 iterations, stop; relaunch the same run name, 6 more."""
     storage = tmp_path_factory.mktemp("runs")
-    first = run_training(tiny_job(phantom_shards, storage, "reference", "schedule.stop_after_iterations=6"))
-    return first, run_training(tiny_job(phantom_shards, storage, "reference"))
+    first = run_training(
+        tiny_job(phantom_shards, storage, "reference", "schedule.stop_after_iterations=6"),
+        on_progress=progress_records["first"].append,
+    )
+    second = run_training(
+        tiny_job(phantom_shards, storage, "reference"), on_progress=progress_records["second"].append
+    )
+    return first, second
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -123,6 +140,10 @@ def test_zero1_loss_decreases_and_mlflow_holds_params_metrics_pictures(reference
     for epoch in ("epoch_0001", "epoch_0002"):
         pictures = [a.path for a in client.list_artifacts(result.mlflow_run_id, f"validation/{epoch}")]
         assert pictures and all(p.endswith(".png") for p in pictures)
+    # The curves picture plots the same steps as MLflow (the iteration that ended), loss and Dice alike.
+    curves = verify_checkpoint(result.checkpoint).curves
+    assert [int(a) for a, _ in curves["val/dice_mean/class"]] == [5, 11]
+    assert [int(a) for a, _ in curves["train/epoch_loss"]] == [5, 11]
     root = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"job.yaml", "plan.json", "label_space.json", "curves"} <= root
     assert [a.path for a in client.list_artifacts(result.mlflow_run_id, "curves")] == ["curves/curves.png"]
@@ -209,3 +230,111 @@ def test_zero3_skips_nonfinite_losses_counts_them_and_stops_after_too_many(
     # Iteration 0 is ZeRO-1's; iteration 2 follows one optimizer step (the lr is the same), not two.
     assert loss[0] == pytest.approx(ref.losses[0], rel=1e-4)
     assert all(v.dtype == torch.float32 for v in weights(folder).values())
+
+
+# ----------------------------------------------------------------------------------- what a person sees
+def test_progress_reaches_the_driver_as_the_run_goes(reference, progress_records):
+    """Each launch reports its start, every epoch (loss, lr, samples/s, ETA, validation Dice) and its end
+    to the driver; the result carries the last validation pass for the final table."""
+    first, result = reference
+    # "waiting" notices come from the driver while the workers start (after 30 s), depending on load.
+    one, two = ([r for r in progress_records[k] if r["event"] != "waiting"] for k in ("first", "second"))
+    assert all(
+        "start" in r["message"]
+        for k in progress_records
+        for r in progress_records[k]
+        if r["event"] == "waiting"
+    )
+    assert [r["event"] for r in one] == ["start", "epoch", "end"]
+    assert [r["event"] for r in two] == ["start", "epoch", "end"]
+    assert one[0]["iteration"] == 0 and one[0]["resumed_from"] is None and one[0]["world_size"] == 2
+    assert two[0]["iteration"] == 6 and two[0]["resumed_from"].startswith("ckpt-it000000006-")
+    for epoch, r in ((1, one[1]), (2, two[1])):
+        assert r["epoch"] == epoch and r["epochs"] == 2 and r["iteration"] == 6 * epoch and r["total"] == 12
+        assert r["loss"] > 0 and r["samples_per_s"] > 0 and r["eta_s"] >= 0
+        assert "val/dice_mean/class" in r["validation"]
+        assert any(k.startswith("val/dice_dataset/") for k in r["validation"])
+    assert one[1]["lr"] == pytest.approx(0.1) and one[1]["eta_s"] == 0  # the launch stops at 6
+    assert one[2]["iteration"] == 6 and two[2]["iteration"] == 12 and two[2]["stop_reason"] is None
+    assert result.validation == two[1]["validation"] and result.validation_iteration == 12
+    assert first.validation_iteration == 6
+
+
+def test_progress_printers_and_the_result_table(reference, progress_records):
+    from multitalent.catalog import load_catalog
+    from multitalent.train.progress import done_record, jsonl_printer, result_text, text_printer
+
+    _, result = reference
+    out = io.StringIO()
+    show = text_printer(out)
+    for r in progress_records["first"] + progress_records["second"]:
+        show(r)
+    text = out.getvalue()
+    assert "training: 2 epochs x 6 iterations on 2 worker(s), global batch 4; from iteration 0" in text
+    assert "(resumed from ckpt-it000000006-" in text
+    epoch_lines = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    pattern = r"epoch 2/2  it 12/12  loss \d+\.\d{4}  lr \S+  \d+\.\d samples/s  \S+/epoch  ETA 0s"
+    assert re.fullmatch(pattern, epoch_lines[1]), epoch_lines[1]
+    assert re.search(r"^  val Dice \d\.\d{3} \(mean of classes\)  P\d\d \d\.\d\d", text, re.M), text
+    assert "stopped at iteration 6 of 12 (relaunch to continue)" in text
+
+    table = result_text(result, load_catalog("phantom"))
+    assert "done: 12 iterations (12 optimizer steps, 0 skipped as non-finite)" in table
+    assert "validation Dice (iteration 12; per class, grouped by dataset):" in table
+    scored = [line for line in table.splitlines() if re.match(r"^  P\d\d +\S.* \d\.\d{3}$", line)]
+    assert scored, table  # one row per class, the dataset named on its first row
+    assert "mean over classes" in table and f"checkpoint: {result.checkpoint}" in table
+    assert f"mlflow ui --backend-store-uri {result.tracking_uri}" in table
+
+    out = io.StringIO()
+    for r in [*progress_records["second"], done_record(result)]:
+        jsonl_printer(out)(r)
+    parsed = [json.loads(line) for line in out.getvalue().splitlines()]
+    parsed = [r for r in parsed if r["event"] != "waiting"]
+    assert [r["event"] for r in parsed] == ["start", "epoch", "end", "done"]
+    assert (
+        parsed[-1]["checkpoint"] == str(result.checkpoint) and parsed[-1]["validation"] == result.validation
+    )
+
+
+def test_cli_prints_a_line_per_epoch_and_the_result_table(ray_local, phantom_shards, tmp_path):
+    """``multitalent train`` on a short run, on the running local Ray: what the console shows."""
+    sets = [
+        f"shards.path={phantom_shards}",
+        f"run.storage_path={tmp_path}",
+        "run.name=cli",
+        "architecture.patch_zyx=[16, 32, 32]",
+        "schedule.epochs=2",
+        "schedule.iterations_per_epoch=2",
+        "checkpoint.every_iterations=2",
+        "validation.max_cases=2",
+        "validation.overlays=false",
+    ]
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("multitalent")),
+            "train",
+            str(REPO / "jobs" / "pretrain_cpu_tiny.yaml"),
+            "--address",
+            ray_local.get_runtime_context().gcs_address,
+            *[arg for s in sets for arg in ("--set", s)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "worker(s) are starting" not in line]
+    assert lines[0].startswith("training: 2 epochs x 2 iterations on 2 worker(s)"), proc.stdout
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split("  it ")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss " in line and " samples/s" in line and "ETA " in line for line in epochs)
+    assert sum(line.startswith("  val Dice ") for line in lines) == 2
+    assert "done: 4 iterations (4 optimizer steps, 0 skipped as non-finite)" in proc.stdout
+    assert "validation Dice (iteration 4; per class, grouped by dataset):" in proc.stdout
+    assert "mean over classes" in proc.stdout and "checkpoint: " in proc.stdout
+    assert "not scored (no validation case of theirs in this pass): P01" in proc.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    assert "Traceback" not in proc.stderr

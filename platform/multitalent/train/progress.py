@@ -175,9 +175,7 @@ def dice_table(metrics: Record, catalog: Catalog | None) -> list[str]:
         if mean is not None:
             lines.append(f"  {'':{w}s}  {'(mean)':{cw}s}  {mean:.3f}")
     if unscored:
-        lines.append(
-            f"  not in the validation cases: {', '.join(unscored)} (validation.max_cases limits them)"
-        )
+        lines.append(f"  not scored (no validation case of theirs in this pass): {', '.join(unscored)}")
     return lines
 
 
