@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from multitalent.convert.job import ConvertJob
 from multitalent.convert.pipeline import run_conversion
 from multitalent.jobs import load_job
 from multitalent.preprocess.plan import PLAN_FILE, Plan
+from multitalent.rawio import discover_cases
 from multitalent.shards import decode_wds_sample, load_manifest, open_case_zarr, shard_urls, verify_case_zarr
 from multitalent.synth import FAULTS, WARNING_FAULTS, write_bad_cases, write_phantom_collection
 
@@ -168,3 +171,47 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_manifest(phantom_raw
     for shard in sorted((reference / "wds").iterdir()):
         assert (out / "wds" / shard.name).read_bytes() == shard.read_bytes()
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_bad_datasets_are_reported_and_never_stop_the_others(phantom_raw, tmp_path):
+    """Issue 14: a dataset without labelsTr and one whose dataset.json declares a label value the
+    catalog lacks each become one dataset-level failure in the summary and report.json; a third
+    converts. The dry run finds both problems without converting."""
+    catalog = load_preset("phantom")
+    raw = tmp_path / "raw"
+    for dataset_id in ("P01", "P02", "P03"):
+        location = catalog.dataset(dataset_id).location
+        shutil.copytree(phantom_raw / location, raw / location)
+    shutil.rmtree(raw / catalog.dataset("P02").location / "labelsTr")
+    declared = raw / catalog.dataset("P01").location / "dataset.json"
+    data = json.loads(declared.read_text())
+    data["labels"]["7"] = "undeclared organ"
+    declared.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = [
+        MULTITALENT,
+        "convert",
+        str(REPO / "jobs" / "convert.yaml"),
+        f"--set=raw_root={raw}",
+        f"--set=out={out}",
+        "--set=datasets=[P01, P02, P03]",
+        "--set=ray.num_cpus=2",
+    ]
+
+    dry = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 1 and "Traceback" not in dry.stderr, dry.stderr
+    p03 = catalog.dataset("P03")
+    n_p03 = len(discover_cases(p03, raw / p03.location))
+    assert re.search(rf"^  P03  kits19 +{n_p03} cases", dry.stdout, re.M), dry.stdout
+    assert "problem: P01/*: " in dry.stdout and "declares label values [7]" in dry.stdout
+    assert "problem: P02/*: " in dry.stdout and "no label files" in dry.stdout
+    assert not out.exists(), "the dry run writes nothing"
+
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{n_p03} cases found: {n_p03} converted, 0 up to date, 2 failed" in proc.stdout
+    assert "FAILED P01/*: " in proc.stderr and "(whole dataset)" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [(f["dataset_id"], f["case_id"]) for f in report["failures"]] == [("P01", "*"), ("P02", "*")]
+    assert report["cases_found"] == report["converted"] == n_p03 and report["error"] is None
+    assert {c.dataset_id for c in load_manifest(out).cases} == {"P03"}
