@@ -71,3 +71,18 @@ def test_submitted_convert_job_writes_plan_manifest_and_shards(head: LocalRayClu
     assert (uploads[0] / "platform" / "multitalent" / "cli.py").is_file()
     for ignored in [".venv", "data_shards/raw", "runs", "mlruns", ".mypy_cache", ".pytest_cache"]:
         assert not (uploads[0] / ignored).exists(), f"{ignored} was uploaded with the working dir"
+
+
+def test_a_submitted_convert_with_a_relative_out_is_an_error(head: LocalRayCluster, tmp_path: Path) -> None:
+    """Issue 14: the default ``out: data_shards/phantom`` would land in the job's temporary working
+    directory (and the summary used to say "output in data_shards/phantom"); it is an error naming the
+    field and the fix, before anything is written."""
+    result = head.submit_job(
+        ["multitalent", "convert", "jobs/convert.yaml", "--set", f"raw_root={tmp_path / 'raw'}"],
+        timeout_s=120,
+    )
+    assert result.status == "FAILED", result.logs[-3000:]
+    assert "error: jobs/convert.yaml: relative path(s) out=data_shards/phantom" in result.logs
+    assert "submitted Ray job" in result.logs and "--set out=/shared/" in result.logs
+    assert "Traceback" not in result.logs
+    assert not (tmp_path / "raw").exists()
