@@ -6,7 +6,7 @@ functions that need them.
 """
 
 from multitalent.shards._common import FORMAT_VERSION, ShardError, remove_temp_entries
-from multitalent.shards.digest import case_digest
+from multitalent.shards.digest import case_digest, file_sha256
 from multitalent.shards.manifest import MANIFEST_NAME, Manifest, load_manifest, manifest_dict, write_manifest
 from multitalent.shards.wds_shards import (
     CaseArrays,
@@ -45,6 +45,7 @@ __all__ = [
     "check_case_zarr",
     "decode_wds_sample",
     "enable_fsspec_urls",
+    "file_sha256",
     "load_manifest",
     "manifest_dict",
     "open_case_zarr",
