@@ -51,7 +51,9 @@ def derived_config(job: TrainJob) -> tuple[dict[str, Any], dict[str, str]]:
         "zero_optimization": {"stage": job.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own prints are noise
+        # DeepSpeed prints a progress report every ``steps_per_print`` steps; 2**31 - 1 means never.
+        # The trainer logs (every tracking.log_every iterations); DeepSpeed's own prints are noise.
+        "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
     sources = {
@@ -62,7 +64,7 @@ def derived_config(job: TrainJob) -> tuple[dict[str, Any], dict[str, str]]:
         "zero_optimization.stage": "zero_stage",
         "bf16.enabled": "precision",
         "zero_allow_untested_optimizer": "(always true: the trainer passes a torch optimizer)",
-        "steps_per_print": "tracking.log_every",
+        "steps_per_print": "(never: the trainer logs every tracking.log_every iterations)",
         "wall_clock_breakdown": "(always false)",
     }
     return config, sources
