@@ -128,6 +128,7 @@ def test_deepspeed_passthrough_adds_options_that_are_not_derived():
         ("deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage", "zero_stage"),
         ("deepspeed.bf16.enabled=false", "deepspeed.bf16.enabled", "precision"),
         ("deepspeed.train_batch_size=8", "deepspeed.train_batch_size", "batch.global_size"),
+        ("deepspeed.steps_per_print=10", "deepspeed.steps_per_print", r"\(never: the trainer logs"),
     ],
 )
 def test_deriving_a_value_twice_is_an_error_naming_the_key(override, key, source):

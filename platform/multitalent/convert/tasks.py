@@ -38,8 +38,7 @@ def source_digest(case: Any) -> str:
             continue
         h.update(Path(p).name.encode())
         with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+            hashlib.file_digest(f, lambda: h)  # feeds the file into the running hash
     return h.hexdigest()
 
 

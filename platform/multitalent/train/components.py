@@ -172,7 +172,6 @@ _DEEPSPEED_OWNERS = {
     "gradient_clipping": "optimiser.grad_clip",
     "zero_optimization.stage": "zero_stage",
     "bf16.enabled": "precision",
-    "steps_per_print": "tracking.log_every",
 }
 
 
