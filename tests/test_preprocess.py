@@ -22,6 +22,7 @@ from multitalent.preprocess import (
     Plan,
     PlanError,
     PreprocessError,
+    foreground_intensity_every_nth,
     foreground_intensity_sample,
     preprocess_case,
     preprocess_image,
@@ -496,3 +497,33 @@ def test_bad_cases_raise_clear_errors():
         preprocess_case(
             image_ras, label_ras.astype(np.int32) - 1, affine, plan=plan, dataset=LIVER, seed_key="c"
         )
+
+
+def test_every_tenth_foreground_voxel_is_nnunet_v1s_rule():
+    """nnU-Net v1 ``DatasetAnalyzer``: ``modality[seg > 0][::10]`` per case, concatenated, then
+    percentiles 0.5 / 99.5, mean and std over all collected voxels (a case weighs by its volume)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for shape, fg in (((7, 9, 11), 0.3), ((5, 13, 4), 0.6), ((3, 3, 3), 0.0)):
+        image = rng.normal(40, 200, size=shape).astype(np.float32)
+        label = (rng.random(shape) < fg).astype(np.uint8) * rng.integers(1, 4, size=shape).astype(np.uint8)
+        cases.append((image, label))
+    parts = [foreground_intensity_every_nth(img, lab) for img, lab in cases]
+    for (img, lab), part in zip(cases, parts):
+        # a direct transcription: flatten in C order, keep foreground, every 10th from the first
+        flat = [float(v) for v, y in zip(img.ravel(order="C"), lab.ravel(order="C")) if y > 0]
+        assert part.tolist() == pytest.approx(flat[::10], abs=0)
+        assert part.dtype == np.float32
+    assert parts[2].shape == (0,)
+    stats = IntensityStats.from_samples(parts)
+    every = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+    assert stats.n == every.size == sum(-(-int((lab > 0).sum()) // 10) for _, lab in cases)
+    assert stats.mean == pytest.approx(float(np.mean(every)), rel=1e-12)
+    assert stats.std == pytest.approx(float(np.std(every)), rel=1e-12)
+    assert stats.percentile_00_5 == pytest.approx(float(np.percentile(every, 0.5)), rel=1e-12)
+    assert stats.percentile_99_5 == pytest.approx(float(np.percentile(every, 99.5)), rel=1e-12)
+    assert stats.median == pytest.approx(float(np.median(every)), rel=1e-12)
+    with pytest.raises(ValueError, match="step"):
+        foreground_intensity_every_nth(cases[0][0], cases[0][1], step=0)
+    with pytest.raises(ValueError, match="shape"):
+        foreground_intensity_every_nth(cases[0][0], cases[1][1])
