@@ -527,3 +527,23 @@ def test_every_tenth_foreground_voxel_is_nnunet_v1s_rule():
         foreground_intensity_every_nth(cases[0][0], cases[0][1], step=0)
     with pytest.raises(ValueError, match="shape"):
         foreground_intensity_every_nth(cases[0][0], cases[1][1])
+
+
+def test_the_converter_takes_every_10th_foreground_voxel_by_default(tmp_path):
+    """nnU-Net v1's rule (the paper's values) is the converter's default, and reaches the scan task."""
+    from multitalent.catalog import load_catalog
+    from multitalent.convert.job import NormalizationSection
+    from multitalent.convert.tasks import scan_case
+    from multitalent.rawio import discover_cases, load_case
+    from multitalent.synth import write_phantom_collection
+
+    assert (NormalizationSection().rule, NormalizationSection().every_nth) == ("every_nth", 10)
+    write_phantom_collection(tmp_path / "raw", seed=0, scale=0.2)
+    dataset = load_catalog("phantom").datasets[0]
+    case = discover_cases(dataset, tmp_path / "raw" / dataset.location)[0]
+    loaded = load_case(case, dataset)
+    expected = np.asarray(loaded.image)[np.asarray(loaded.label) > 0][::10].astype(np.float32)
+    nth = scan_case(case, dataset, cache_dir=str(tmp_path), rule="every_nth", every_nth=10)
+    draws = scan_case(case, dataset, cache_dir=str(tmp_path), rule="draws", samples=50)
+    assert np.array_equal(np.load(nth["sample"]), expected)
+    assert np.load(draws["sample"]).shape == (50,) and nth["sample"] != draws["sample"]
