@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from multitalent.catalog import load_preset
@@ -135,6 +136,46 @@ def _manifest_bytes(out: Path) -> bytes:
     return (out / "manifest.json").read_bytes()
 
 
+# Ray's dashboard and runtime-env agents run no tasks, and notice the raylet's death only at their own
+# health check (over a minute on a loaded machine): not waited for.
+_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
+
+
+def _may_run_tasks(p: psutil.Process) -> bool:
+    try:
+        command = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return not any(agent in command for agent in _AGENTS)
+
+
+def _still_running(processes: list[psutil.Process], *, timeout_s: float) -> list[psutil.Process]:
+    """Poll until every process has exited (a zombie counts as exited: nobody may reap orphans
+    here) or ``timeout_s`` passes; the processes still running."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for p in processes:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _describe(processes: list[psutil.Process]) -> str:
+    described = []
+    for p in processes:
+        try:
+            described.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            described.append(f"{p.pid} (gone)")
+    return "; ".join(described)
+
+
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_manifest(phantom_raw, tmp_path):
     reference = tmp_path / "reference"
     run_conversion(_job(phantom_raw, reference), log=lambda _: None)
@@ -153,11 +194,17 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_manifest(phantom_raw
     while time.monotonic() < deadline and len(list(out.glob("zarr/*/*.zarr"))) < 3:
         time.sleep(0.2)
     assert proc.poll() is None, "converter finished before it could be killed"
+    # The local Ray it started (GCS, raylet, workers) descends from it; workers spawned after this
+    # cannot get a task, since the driver that owns the tasks is gone.
+    ray_processes = [p for p in psutil.Process(proc.pid).children(recursive=True) if _may_run_tasks(p)]
+    assert ray_processes, "no Ray process under the converter: nothing to wait for"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    # Whatever is visible is complete: every store in place verifies.
-    time.sleep(2)  # orphaned Ray workers, if any, finish their rename
+    # Orphaned Ray workers may still be writing a store; once they are gone, whatever is visible
+    # is complete: every store in place verifies.
+    alive = _still_running(ray_processes, timeout_s=60)
+    assert not alive, f"Ray processes of the killed converter still running after 60 s: {_describe(alive)}"
     visible = list(out.glob("zarr/*/*.zarr"))
     assert visible
     assert all(verify_case_zarr(p) is not None for p in visible)

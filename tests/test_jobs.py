@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from multitalent.convert.job import ConvertJob
-from multitalent.jobs import JobError, apply_overrides, load_job, resolved_yaml
+from multitalent.jobs import JobError, StrictModel, apply_overrides, load_job, resolved_yaml
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -69,3 +69,44 @@ def test_override_syntax_errors():
         apply_overrides({}, ["novalue"])
     with pytest.raises(JobError, match="not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+class _Optimiser(StrictModel):
+    lr: float
+    eps: float
+    steps: int
+    name: str
+
+
+class _LrJob(StrictModel):
+    optimiser: _Optimiser
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("5e-4", 5e-4), ("1E3", 1000.0), ("-2e+5", -2e5), ("+3e0", 3.0), ("5.0e-4", 5e-4), ("1e-8", 1e-8)],
+)
+def test_exponent_numbers_without_a_dot_are_floats_in_files_and_overrides(tmp_path, text, value):
+    """YAML 1.1 reads ``5e-4`` as a string; job files and ``--set`` read it as the number."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(f"optimiser:\n  lr: {text}\n  eps: 1e-4\n  steps: 10\n  name: sgd\n")
+    job = load_job(job_file, _LrJob)
+    assert job.optimiser.lr == value and isinstance(job.optimiser.lr, float)
+    assert job.optimiser.eps == 1e-4
+    overridden = load_job(job_file, _LrJob, [f"optimiser.eps={text}", "optimiser.lr=2"])
+    assert overridden.optimiser.eps == value and overridden.optimiser.lr == 2.0
+    assert apply_overrides({}, [f"x={text}"])["x"] == value
+
+
+def test_number_parsing_leaves_other_scalars_alone(tmp_path):
+    got = apply_overrides({}, ["i=10", "f=1.5", "s=e5", "t=5e", "h=0x10", "v=1.2.3", "b=true", "n=1_000"])
+    assert got == {"i": 10, "f": 1.5, "s": "e5", "t": "5e", "h": 16, "v": "1.2.3", "b": True, "n": 1000}
+    assert isinstance(got["i"], int)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text("optimiser:\n  lr: 1e-2\n  eps: 1e-4\n  steps: 1e3\n  name: 5e-4x\n")
+    with pytest.raises(JobError, match=r"optimiser\.steps"):  # an int field still refuses a float
+        load_job(job_file, _LrJob)
+    # the global PyYAML loader is untouched
+    import yaml
+
+    assert yaml.safe_load("5e-4") == "5e-4"

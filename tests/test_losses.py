@@ -36,8 +36,11 @@ def _bce(x: float, y: float) -> float:
     return -(y * math.log(p) + (1 - y) * math.log(1 - p))
 
 
-def _ref_loss(logits, target, annotated, dice="batch", eps=1e-7) -> float:
-    """Eq. 2 on nested lists: logits[b][k] and target[b][k] are flat voxel lists, annotated[b][k] bools."""
+def _ref_loss(logits, target, annotated, dice="batch", eps=1e-7, reduction="mean") -> float:
+    """Eq. 2 on nested lists: logits[b][k] and target[b][k] are flat voxel lists, annotated[b][k] bools.
+
+    ``reduction="sum"``: the per-sample BCE (a voxel mean) and, in sample mode, the per-sample Dice are
+    summed over the annotated samples instead of averaged (the reference code)."""
     total = 0.0
     for k in range(len(logits[0])):
         samples = [b for b in range(len(logits)) if annotated[b][k]]
@@ -46,6 +49,11 @@ def _ref_loss(logits, target, annotated, dice="batch", eps=1e-7) -> float:
         # 1/I with I = (annotated samples) x (voxels per sample)
         voxels = [(x, y) for b in samples for x, y in zip(logits[b][k], target[b][k])]
         bce = sum(_bce(x, y) for x, y in voxels) / len(voxels)
+        if reduction == "sum":
+            bce = sum(
+                sum(_bce(x, y) for x, y in zip(logits[b][k], target[b][k])) / len(logits[b][k])
+                for b in samples
+            )
 
         def dice_of(pairs):
             tp = sum(_sig(x) * y for x, y in pairs)
@@ -56,7 +64,9 @@ def _ref_loss(logits, target, annotated, dice="batch", eps=1e-7) -> float:
         if dice == "batch":
             d = dice_of(voxels)
         else:
-            d = sum(dice_of(list(zip(logits[b][k], target[b][k]))) for b in samples) / len(samples)
+            d = sum(dice_of(list(zip(logits[b][k], target[b][k]))) for b in samples)
+            if reduction == "mean":
+                d /= len(samples)
         total += bce - d
     return total
 
@@ -120,21 +130,26 @@ def test_zero_logits_closed_form_value_and_gradient():
 
 
 @pytest.mark.parametrize("chunk", [2**25, 60])  # 60 elements = 5 of the 12 (b, k) rows: chunks 5, 5, 2
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dice", ["batch", "sample"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_matches_plain_python_formula(seed, dice, chunk):
+def test_matches_plain_python_formula(seed, dice, reduction, chunk):
     logits, target, annotated = _case(seed, b=3, k=4, spatial=(2, 3, 2))
-    loss, _ = PartialLabelLoss(dice=dice, chunk_elements=chunk)(logits, target, annotated)
+    fn = PartialLabelLoss(dice=dice, reduction=reduction, chunk_elements=chunk)
+    loss, metrics = fn(logits, target, annotated)
     assert loss.dtype == torch.float64
-    assert loss.item() == pytest.approx(_ref_loss(*_lists(logits, target, annotated), dice=dice), abs=1e-12)
+    want = _ref_loss(*_lists(logits, target, annotated), dice=dice, reduction=reduction)
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    torch.testing.assert_close(metrics["loss_k"], metrics["bce_k"] - metrics["dice_k"], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [2**25, 16])  # 16 elements = 4 of the 6 (b, k) rows: chunks 4, 2
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dice", ["batch", "sample"])
-def test_gradient_matches_finite_differences(dice, chunk):
+def test_gradient_matches_finite_differences(dice, reduction, chunk):
     logits, target, annotated = _case(7, b=2, k=3, spatial=(2, 2, 1))
     logits.requires_grad_(True)
-    fn = PartialLabelLoss(dice=dice, chunk_elements=chunk)
+    fn = PartialLabelLoss(dice=dice, reduction=reduction, chunk_elements=chunk)
     assert torch.autograd.gradcheck(
         lambda x: fn(x, target, annotated)[0], (logits,), eps=1e-6, atol=1e-8, rtol=1e-6
     )
@@ -241,6 +256,32 @@ def test_batch_and_sample_dice_differ_as_defined():
     assert m_sample["dice_batch_k"].item() == pytest.approx(d_batch, abs=1e-12)
 
 
+def test_sum_and_mean_reductions_differ_as_defined():
+    # class 0 annotated in both samples, class 1 in sample 1 only: with zero logits every voxel's BCE is
+    # ln 2, so the BCE term is n_k ln 2 under "sum" and ln 2 under "mean"; the sample Dice likewise.
+    target = torch.zeros(2, 2, 2, 1, 1, dtype=torch.uint8)
+    target[0, 0, 0] = 1  # sample 0, class 0: 1 of 2 voxels -> Dice 2 * 0.5 / (1 + 1) = 0.5
+    target[1, 0] = 1  # sample 1, class 0: 2 of 2 voxels -> Dice 2 * 1 / (1 + 2) = 2/3
+    annotated = torch.tensor([[True, False], [True, True]])
+    logits = torch.zeros(2, 2, 2, 1, 1, dtype=torch.float64)
+    d0, d1 = 0.5, 2 / 3
+    d_batch = 2 * 1.5 / (2 + 3)  # tp = 3/2, sum p = 2, sum y = 3
+    expected = {
+        ("sum", "batch"): (2 * LN2 - d_batch) + LN2,  # paper, literal
+        ("sum", "sample"): (2 * LN2 - (d0 + d1)) + LN2,  # reference code
+        ("mean", "batch"): (LN2 - d_batch) + LN2,  # default
+        ("mean", "sample"): (LN2 - (d0 + d1) / 2) + LN2,
+    }
+    for (reduction, dice), want in expected.items():
+        loss, metrics = PartialLabelLoss(dice=dice, reduction=reduction)(logits, target, annotated)
+        assert loss.item() == pytest.approx(want, abs=1e-12), (reduction, dice)
+        # the Dice and BCE values in the metrics stay per-class means whatever the reduction
+        assert metrics["bce_mean_k"].tolist() == pytest.approx([LN2, LN2], abs=1e-12)
+        assert metrics["dice_sample_k"][0].item() == pytest.approx((d0 + d1) / 2, abs=1e-12)
+        assert metrics["dice_batch_k"][0].item() == pytest.approx(d_batch, abs=1e-12)
+    assert PartialLabelLoss().reduction == "mean" and PartialLabelLoss().dice == "batch"
+
+
 def test_hard_and_soft_metrics():
     x = torch.tensor([2.0, -1.0, 0.0, 3.0, 5.0, -5.0, 1.0, -1.0]).reshape(2, 1, 4, 1, 1)
     y = torch.tensor([1, 1, 0, 0, 1, 0, 1, 0], dtype=torch.bool).reshape(2, 1, 4, 1, 1)
@@ -309,6 +350,8 @@ def test_bad_inputs_are_rejected_with_clear_messages():
         fn(x, t, a, reduce=lambda s: s.sum(0))
     with pytest.raises(ValueError, match="dice must be"):
         PartialLabelLoss(dice="mean")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reduction must be"):
+        PartialLabelLoss(reduction="batch")  # type: ignore[arg-type]
 
 
 # -------------------------------------------------------------------------------- deep supervision
@@ -418,8 +461,16 @@ def _ddp_cases():
     annotated = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 1, 0]], dtype=torch.bool)
     split = [[0], [1, 2]]
     return [
-        {"dice": "batch", "logits": logits, "target": target, "annotated": annotated, "split": split},
-        {"dice": "sample", "logits": logits, "target": target, "annotated": annotated, "split": split},
+        {
+            "dice": dice,
+            "reduction": reduction,
+            "logits": logits,
+            "target": target,
+            "annotated": annotated,
+            "split": split,
+        }
+        for reduction in ("mean", "sum")
+        for dice in ("batch", "sample")
     ]
 
 
@@ -457,7 +508,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         for case in _ddp_cases():
             rows = case["split"][rank]
             x = case["logits"][rows].clone().requires_grad_(True)
-            loss, metrics = PartialLabelLoss(dice=case["dice"])(
+            loss, metrics = PartialLabelLoss(dice=case["dice"], reduction=case["reduction"])(
                 x, case["target"][rows], case["annotated"][rows], reduce=reduce
             )
             loss.backward()
@@ -488,20 +539,20 @@ def test_global_batch_dice_on_two_gloo_processes_equals_single_process(tmp_path)
 
     for i, case in enumerate(_ddp_cases()):
         full = case["logits"].clone().requires_grad_(True)
-        loss, metrics = PartialLabelLoss(dice=case["dice"])(full, case["target"], case["annotated"])
+        fn = PartialLabelLoss(dice=case["dice"], reduction=case["reduction"])
+        loss, metrics = fn(full, case["target"], case["annotated"])
         loss.backward()
         assert full.grad is not None
-        assert loss.item() == pytest.approx(
-            _ref_loss(*_lists(case["logits"], case["target"], case["annotated"]), dice=case["dice"]),
-            abs=1e-12,
-        )
+        lists = _lists(case["logits"], case["target"], case["annotated"])
+        want = _ref_loss(*lists, dice=case["dice"], reduction=case["reduction"])
+        assert loss.item() == pytest.approx(want, abs=1e-12)
         for r in range(WORLD):
             got = ranks[r]["cases"][i]
-            assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-12), (case["dice"], r)
+            assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-12), (fn, r)
             torch.testing.assert_close(
                 got["grad"], WORLD * full.grad[case["split"][r]], rtol=1e-10, atol=1e-12
             )
-            for key in ("tp_k", "fp_k", "fn_k", "annotated_k", "dice_k", "tp_hard_k"):
+            for key in ("tp_k", "fp_k", "fn_k", "annotated_k", "bce_k", "dice_k", "tp_hard_k"):
                 torch.testing.assert_close(got["metrics"][key], metrics[key], rtol=1e-10, atol=1e-12)
 
     image, target, annotated, _ = _ddp_model_batch()

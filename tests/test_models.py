@@ -81,8 +81,52 @@ def test_paper_configurations_match_the_paper_parameter_counts(arch: str, paper_
     expected_heads = sum((c + 1) * 47 for c in info["feature_channels"])
     assert info["parameters"]["heads"] == expected_heads
     if arch != "swin_unetr":
-        assert info["backbone"]["strides_zyx"][-1] == [1, 2, 2]
         assert info["ds_levels"] == 5
+    if arch == "unet":  # nnU-Net's planner: in-plane-only pooling last
+        assert info["backbone"]["strides_zyx"][-1] == [1, 2, 2]
+
+
+# The paper's Table 4 (MD networks, 47 classes): parameters and multiply-adds per 96x192x192 patch.
+@pytest.mark.parametrize(
+    ("arch", "size", "paper_params", "paper_macs"),
+    [("unet", "paper", 29.3e6, 0.72e12), ("resenc_unet", "paper", 69.3e6, 1.2e12)],
+)
+def test_paper_cnns_match_the_paper_parameter_and_mac_counts(
+    arch: str, size: str, paper_params: float, paper_macs: float
+) -> None:
+    heads = load_preset("multitalent13").classes_per_dataset()
+    with torch.device("meta"):
+        net = build_network(arch, heads, size=size)
+    n_params = sum(p.numel() for p in net.parameters())
+    macs = count_forward_macs(net).macs
+    assert abs(n_params - paper_params) / paper_params < 0.01, n_params
+    assert abs(macs - paper_macs) / paper_macs < 0.05, macs
+
+
+def test_paper_resenc_has_the_reference_topology_and_stem() -> None:
+    """The reference's ResEnc plans (MultiTalent_resenc_bs4_plans_3D.pkl): in-plane-only pooling and a
+    1x3x3 kernel at full resolution, then [2,2,2] x 4 with 3x3x3 kernels; FabiansUNet's 3x3x3 stem."""
+    with torch.device("meta"):
+        net = build_network("resenc_unet", [47])
+    cfg = net.describe()["backbone"]
+    assert cfg["strides_zyx"] == [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert cfg["kernel_sizes_zyx"] == [[1, 3, 3]] + [[3, 3, 3]] * 5
+    assert cfg["n_blocks_per_stage"] == [1, 2, 3, 4, 4, 4]
+    assert cfg["n_conv_per_stage_decoder"] == [1] * 5
+    assert cfg["features_per_stage"] == [30, 60, 120, 240, 320, 320]
+    assert cfg["stem_kernel_size_zyx"] == [3, 3, 3]
+    stem_conv = net.backbone.encoder.stem.convs[0].conv
+    assert tuple(stem_conv.kernel_size) == (3, 3, 3) and stem_conv.out_channels == 30
+    assert tuple(net.backbone.encoder.stages[0].blocks[0].conv1.conv.kernel_size) == (1, 3, 3)
+    assert net.ds_strides_zyx == ((1, 1, 1), (1, 2, 2), (2, 4, 4), (4, 8, 8), (8, 16, 16))
+    assert net.divisible_by_zyx == (16, 32, 32)
+    # the topology the platform used to build is kept as "planned": z pooled from the first stage
+    with torch.device("meta"):
+        planned = build_network("resenc_unet", [47], size="planned")
+    assert planned.describe()["backbone"]["strides_zyx"][1] == [2, 2, 2]
+    assert planned.describe()["backbone"]["stem_kernel_size_zyx"] == [3, 3, 3]
+    with pytest.raises(ValueError, match="unknown size 'planned' for unet"):
+        build_network("unet", [1], size="planned")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -140,7 +184,9 @@ def test_tiny_variants_run_forward_and_backward(arch: str) -> None:
         nn.functional.binary_cross_entropy_with_logits(logits, (torch.rand_like(logits) > 0.5).float())
         for logits in levels
     )
-    assert isinstance(loss, torch.Tensor)
+    # a 0-d tensor in the graph (an empty ``sum`` would be the int 0), finite, and > 0 (BCE of finite logits)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.requires_grad
+    assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     for name, p in net.named_parameters():
         assert p.grad is not None, name

@@ -22,6 +22,7 @@ from multitalent.preprocess import (
     Plan,
     PlanError,
     PreprocessError,
+    foreground_intensity_every_nth,
     foreground_intensity_sample,
     preprocess_case,
     preprocess_image,
@@ -496,3 +497,53 @@ def test_bad_cases_raise_clear_errors():
         preprocess_case(
             image_ras, label_ras.astype(np.int32) - 1, affine, plan=plan, dataset=LIVER, seed_key="c"
         )
+
+
+def test_every_tenth_foreground_voxel_is_nnunet_v1s_rule():
+    """nnU-Net v1 ``DatasetAnalyzer``: ``modality[seg > 0][::10]`` per case, concatenated, then
+    percentiles 0.5 / 99.5, mean and std over all collected voxels (a case weighs by its volume)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for shape, fg in (((7, 9, 11), 0.3), ((5, 13, 4), 0.6), ((3, 3, 3), 0.0)):
+        image = rng.normal(40, 200, size=shape).astype(np.float32)
+        label = (rng.random(shape) < fg).astype(np.uint8) * rng.integers(1, 4, size=shape).astype(np.uint8)
+        cases.append((image, label))
+    parts = [foreground_intensity_every_nth(img, lab) for img, lab in cases]
+    for (img, lab), part in zip(cases, parts):
+        # a direct transcription: flatten in C order, keep foreground, every 10th from the first
+        flat = [float(v) for v, y in zip(img.ravel(order="C"), lab.ravel(order="C")) if y > 0]
+        assert part.tolist() == pytest.approx(flat[::10], abs=0)
+        assert part.dtype == np.float32
+    assert parts[2].shape == (0,)
+    stats = IntensityStats.from_samples(parts)
+    every = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+    assert stats.n == every.size == sum(-(-int((lab > 0).sum()) // 10) for _, lab in cases)
+    assert stats.mean == pytest.approx(float(np.mean(every)), rel=1e-12)
+    assert stats.std == pytest.approx(float(np.std(every)), rel=1e-12)
+    assert stats.percentile_00_5 == pytest.approx(float(np.percentile(every, 0.5)), rel=1e-12)
+    assert stats.percentile_99_5 == pytest.approx(float(np.percentile(every, 99.5)), rel=1e-12)
+    assert stats.median == pytest.approx(float(np.median(every)), rel=1e-12)
+    with pytest.raises(ValueError, match="step"):
+        foreground_intensity_every_nth(cases[0][0], cases[0][1], step=0)
+    with pytest.raises(ValueError, match="shape"):
+        foreground_intensity_every_nth(cases[0][0], cases[1][1])
+
+
+def test_the_converter_takes_every_10th_foreground_voxel_by_default(tmp_path):
+    """nnU-Net v1's rule (the paper's values) is the converter's default, and reaches the scan task."""
+    from multitalent.catalog import load_catalog
+    from multitalent.convert.job import NormalizationSection
+    from multitalent.convert.tasks import scan_case
+    from multitalent.rawio import discover_cases, load_case
+    from multitalent.synth import write_phantom_collection
+
+    assert (NormalizationSection().rule, NormalizationSection().every_nth) == ("every_nth", 10)
+    write_phantom_collection(tmp_path / "raw", seed=0, scale=0.2)
+    dataset = load_catalog("phantom").datasets[0]
+    case = discover_cases(dataset, tmp_path / "raw" / dataset.location)[0]
+    loaded = load_case(case, dataset)
+    expected = np.asarray(loaded.image)[np.asarray(loaded.label) > 0][::10].astype(np.float32)
+    nth = scan_case(case, dataset, cache_dir=str(tmp_path), rule="every_nth", every_nth=10)
+    draws = scan_case(case, dataset, cache_dir=str(tmp_path), rule="draws", samples=50)
+    assert np.array_equal(np.load(nth["sample"]), expected)
+    assert np.load(draws["sample"]).shape == (50,) and nth["sample"] != draws["sample"]

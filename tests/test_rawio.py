@@ -302,3 +302,55 @@ def test_case_error_survives_pickling() -> None:
     assert (
         isinstance(e, CaseError) and e.path == Path("/x/y.nii.gz") and str(e) == "/x/y.nii.gz: truncated file"
     )
+
+
+# ----------------------------------------------------------------------------- fast mask path
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_painting_masks_in_their_box_equals_full_volume_indexing(order: str) -> None:
+    from multitalent.rawio.load import _nonzero_box, _paint_mask
+
+    rng = np.random.default_rng(3)
+    fast = np.zeros((20, 30, 40), np.uint8)
+    slow = np.zeros_like(fast)
+    for value in (3, 7, 9):  # ascending, overlapping: the larger value wins in both
+        mask = np.zeros((20, 30, 40), np.uint8, order=order)
+        z, y, x = rng.integers(0, 15), rng.integers(0, 20), rng.integers(0, 30)
+        mask[z : z + 6, y : y + 9, x : x + 11] = rng.integers(0, 2, size=(6, 9, 11), dtype=np.uint8)
+        _paint_mask(fast, mask, value, path=Path("m.nii.gz"), name=f"s{value}")
+        slow[mask == 1] = value
+        box = _nonzero_box(mask)
+        assert box is not None
+        nz = np.argwhere(mask)
+        assert [(s.start, s.stop) for s in box] == [
+            (int(a), int(b) + 1) for a, b in zip(nz.min(0), nz.max(0))
+        ]
+    assert np.array_equal(fast, slow)
+    assert _nonzero_box(np.zeros((4, 5, 6), np.uint8, order=order)) is None
+    with pytest.raises(CaseError, match=r"not binary: has values \[2\]"):
+        _paint_mask(fast, np.full((20, 30, 40), 2, np.uint8, order=order), 1, path=Path("m"), name="m")
+    floats = np.zeros((20, 30, 40), np.float32)
+    floats[1, 2, 3] = np.nan
+    with pytest.raises(CaseError, match="non-finite"):
+        _paint_mask(fast, floats, 1, path=Path("m"), name="m")
+
+
+@pytest.mark.parametrize("klass", [nib.Nifti1Image, nib.Nifti2Image])
+def test_gzip_read_in_memory_equals_nibabel_for_multi_member_files(tmp_path: Path, klass: type) -> None:
+    from multitalent.rawio.nifti import read_volume
+
+    data = np.random.default_rng(0).integers(0, 2, size=(7, 8, 9)).astype(np.uint8)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    plain = tmp_path / "m.nii"
+    nib.save(klass(data, affine), plain)
+    raw = plain.read_bytes()
+    two = tmp_path / "two.nii.gz"  # two gzip members, as concatenated or bgzip-like files have
+    two.write_bytes(gzip.compress(raw[:200]) + gzip.compress(raw[200:]))
+    from multitalent.rawio.nifti import _load_fast
+
+    assert _load_fast(two) is not None  # the in-memory path, not nibabel's fallback
+    array, got_affine = read_volume(two, what="mask")
+    assert np.array_equal(array, data) and np.allclose(got_affine, affine)
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(gzip.compress(raw)[:-40])
+    with pytest.raises(CaseError, match="truncated"):
+        read_volume(truncated, what="mask")

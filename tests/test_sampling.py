@@ -9,10 +9,12 @@ from scipy import stats
 
 from multitalent.data.patches import crop_box, read_patch
 from multitalent.data.sampling import (
+    ForegroundSchedule,
     PatchSampler,
     case_probabilities,
     dataset_probabilities,
     draw_center,
+    fixed_foreground_slots,
     kfold_split,
     partition,
     random_center,
@@ -108,6 +110,89 @@ def test_classes_present_restricts_foreground_and_empty_cases_fall_back():
     empty = np.zeros((0, 4), np.int32)
     d = draw_center(rng, shape_zyx=label.shape, patch_zyx=(4, 4, 4), fg_locations=empty, fg_fraction=1.0)
     assert d.fg_class == -1
+
+
+def _nnunet_v1_do_oversample(batch_size: int, batch_idx: int, percent: float) -> bool:
+    """nnU-Net v1 ``DataLoader3D.get_do_oversample``, transcribed."""
+    return not batch_idx < round(batch_size * (1 - percent))
+
+
+def _nnunet_v1_ddp_percents(global_batch: int, world_size: int, percent: float) -> list[float]:
+    """nnU-Net v1 ``nnUNetTrainerV2_DDP.set_batch_size_and_oversample`` (distribute_batch_size=True)."""
+    per_gpu = int(np.ceil(global_batch / world_size))
+    sizes: list[int] = []
+    out = []
+    for rank in range(world_size):
+        size = per_gpu - max((rank + 1) * per_gpu - global_batch, 0)
+        sizes.append(size)
+        low, high = sum(sizes[:-1]), sum(sizes)
+        if high / global_batch < 1 - percent:
+            out.append(0.0)
+        elif low / global_batch > 1 - percent:
+            out.append(1.0)
+        else:
+            out.append(1 - ((1 - percent) - low / global_batch) / ((high - low) / global_batch))
+    return out
+
+
+@pytest.mark.parametrize("percent", [1 / 3, 0.33])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 5, 6, 8, 12])
+def test_fixed_foreground_slots_follow_nnunet_v1(batch_size, percent):
+    want = tuple(_nnunet_v1_do_oversample(batch_size, i, percent) for i in range(batch_size))
+    assert fixed_foreground_slots(batch_size, percent) == want
+
+
+@pytest.mark.parametrize(("local_batch", "world"), [(2, 2), (1, 4), (3, 2)])
+def test_fixed_foreground_slots_across_ranks_match_nnunet_v1_ddp(local_batch, world):
+    percents = _nnunet_v1_ddp_percents(local_batch * world, world, 0.33)
+    for rank in range(world):
+        want = tuple(_nnunet_v1_do_oversample(local_batch, i, percents[rank]) for i in range(local_batch))
+        assert fixed_foreground_slots(local_batch, 0.33, rank=rank, world_size=world) == want, rank
+    # the paper's 2 GPUs x 2: one forced patch per global batch of 4, the last slot of rank 1
+    assert fixed_foreground_slots(2, 1 / 3, rank=0, world_size=2) == (False, False)
+    assert fixed_foreground_slots(2, 1 / 3, rank=1, world_size=2) == (False, True)
+
+
+def test_fixed_mode_forces_the_same_count_in_every_batch_and_coin_mode_does_not():
+    label, fg = _case()
+    batch = 4
+
+    def forced_per_batch(mode: str) -> list[int]:
+        sampler = PatchSampler(
+            ["a"], patch_zyx=(4, 4, 4), rngs=stream_rngs(5, 0, 0), fg_mode=mode, batch_size=batch
+        )
+        flags = [
+            sampler.draw_center(shape_zyx=label.shape, fg_locations=fg).fg_class >= 0
+            for _ in range(400 * batch)
+        ]
+        return [sum(flags[i : i + batch]) for i in range(0, len(flags), batch)]
+
+    fixed = forced_per_batch("fixed")
+    assert set(fixed) == {1}  # round(4 * 2/3) = 3: exactly the last of four
+    coin = forced_per_batch("coin")
+    # a coin per patch: P(no forced patch in a batch of 4) = (2/3)^4 = 0.198
+    share_none = np.mean([c == 0 for c in coin])
+    assert abs(share_none - (2 / 3) ** 4) < 3.5 * np.sqrt(0.198 * 0.802 / len(coin))
+    schedule = ForegroundSchedule(mode="fixed", batch_size=3, rank=1, world_size=2)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert [schedule.next(rng) for _ in range(6)] == [False, True, True] * 2  # global slots 3..5 of 6
+    assert rng.bit_generator.state == state  # the fixed mode draws no random number
+    with pytest.raises(ValueError, match="fg_mode"):
+        ForegroundSchedule(mode="sometimes")  # type: ignore[arg-type]
+
+
+def test_coin_mode_stream_is_unchanged_by_the_schedule():
+    """The coin moved into ForegroundSchedule draws the same number at the same point as before."""
+    label, fg = _case()
+    sampler = PatchSampler(["a"], patch_zyx=(4, 4, 4), rngs=stream_rngs(9, 0, 0))
+    got = [sampler.draw_center(shape_zyx=label.shape, fg_locations=fg) for _ in range(200)]
+    rng = stream_rngs(9, 0, 0)[1]
+    want = [
+        draw_center(rng, shape_zyx=label.shape, patch_zyx=(4, 4, 4), fg_locations=fg, fg_fraction=1 / 3)
+        for _ in range(200)
+    ]
+    assert got == want
 
 
 def test_random_centres_cover_the_volume_and_keep_the_patch_inside():

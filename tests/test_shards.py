@@ -17,6 +17,7 @@ from multitalent.shards import (
     case_digest,
     check_case_zarr,
     decode_wds_sample,
+    file_sha256,
     load_manifest,
     open_case_zarr,
     shard_urls,
@@ -173,6 +174,20 @@ def test_digest_independent_of_chunking_and_codec(tmp_path: Path) -> None:
 
 def _chunk_files(store: Path, array: str) -> list[Path]:
     return sorted(p for p in (store / array / "c").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),  # FIPS 180-2 vectors
+        (b"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+        (b"a" * 1_000_000, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"),
+    ],
+)
+def test_file_sha256_matches_published_vectors(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(content)
+    assert file_sha256(path) == file_sha256(str(path)) == expected
 
 
 def test_verify_detects_corrupt_chunk(tmp_path: Path) -> None:

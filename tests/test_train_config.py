@@ -59,6 +59,52 @@ def test_pretrain_job_is_the_paper_setting():
     assert job.workers.use_gpu and job.precision == "auto"
 
 
+def test_swin_unetr_trains_as_the_reference_unless_the_job_says_otherwise():
+    swin = load_train_job(PRETRAIN, ["architecture.arch=swin_unetr"])
+    o = swin.optimiser
+    assert (o.name, o.lr, o.eps, o.weight_decay) == ("adamw", 5e-4, 1e-4, 3e-5)
+    assert swin.architecture.checkpointing  # gradient checkpointing on, as in the paper
+    cnn = load_train_job(PRETRAIN)
+    assert (cnn.optimiser.name, cnn.optimiser.lr, cnn.optimiser.eps) == ("sgd", 1e-2, 1e-8)
+    assert not cnn.architecture.checkpointing
+    told = load_train_job(
+        PRETRAIN,
+        ["architecture.arch=swin_unetr", "optimiser.name=sgd", "architecture.gradient_checkpointing=false"],
+    )
+    assert (told.optimiser.name, told.optimiser.lr) == ("sgd", 1e-2) and not told.architecture.checkpointing
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], swin.optimiser)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["eps"] == 1e-4 and optimizer.defaults["lr"] == 5e-4
+
+
+def test_the_job_file_selects_the_loss_reading_and_the_oversampling_mode(tmp_path):
+    from multitalent.catalog import load_catalog
+    from multitalent.data.sources import ZarrPatchSource
+    from multitalent.train.components import DataSetup, zarr_source
+
+    job = load_train_job(PRETRAIN, ["loss.reduction=sum", "loss.dice=sample", "data.fg_mode=coin"])
+    assert (job.loss.reduction, job.loss.dice, job.data.fg_mode) == ("sum", "sample", "coin")
+    assert load_train_job(PRETRAIN).data.fg_mode == "fixed"  # the paper jobs force round(B/3) per batch
+    with pytest.raises(JobError, match=r"loss\.reduction"):
+        load_train_job(PRETRAIN, ["loss.reduction=median"])
+    catalog = load_catalog("phantom")
+    from multitalent.train.step import MultiTalentObjective
+
+    objective = MultiTalentObjective(catalog, n_levels=2, dice=job.loss.dice, reduction=job.loss.reduction)
+    inner = objective.loss.loss
+    assert (inner.dice, inner.reduction) == ("sample", "sum")
+    fixed = load_train_job(PRETRAIN, ["catalog=phantom"])
+    from multitalent.preprocess.plan import Plan
+
+    setup = DataSetup(
+        tmp_path, catalog, Plan.for_catalog(catalog), [{"dataset_id": "P01", "case_id": "a"}], []
+    )
+    source = zarr_source(
+        fixed, setup, cases=setup.train_cases, patch_zyx=(8, 8, 8), batch_size=2, rank=1, world_size=2
+    )
+    assert isinstance(source, ZarrPatchSource) and source.fg_mode == "fixed"
+
+
 @pytest.mark.parametrize(
     ("override", "where"),
     [
@@ -128,6 +174,7 @@ def test_deepspeed_passthrough_adds_options_that_are_not_derived():
         ("deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage", "zero_stage"),
         ("deepspeed.bf16.enabled=false", "deepspeed.bf16.enabled", "precision"),
         ("deepspeed.train_batch_size=8", "deepspeed.train_batch_size", "batch.global_size"),
+        ("deepspeed.steps_per_print=10", "deepspeed.steps_per_print", r"\(never: the trainer logs"),
     ],
 )
 def test_deriving_a_value_twice_is_an_error_naming_the_key(override, key, source):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,26 @@ class UserError(Exception):
 
 class JobError(UserError, ValueError):
     """A job file that cannot be loaded or does not validate."""
+
+
+class _JobLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``5e-4``, ``1E3``, ``-2e+5`` as floats.
+
+    YAML 1.1 (PyYAML) requires a dot in a float, so ``lr: 5e-4`` would arrive as the *string*
+    ``"5e-4"`` and a float field would reject it; YAML 1.2 (and Python) read it as a number. Only the
+    exponent form without a dot is added; everything else resolves as before.
+    """
+
+
+_JobLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_JobLoader)  # a SafeLoader subclass: safe
 
 
 class StrictModel(BaseModel):
@@ -57,7 +78,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise JobError(f"{path}: job file does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise JobError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -73,7 +94,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars (``1``, ``true``, ``[1,2]``)."""
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars (``1``, ``true``, ``[1,2]``,
+    ``5e-4``)."""
     out = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -86,7 +108,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise JobError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+        node[parts[-1]] = _load_yaml(raw) if raw else None
     return out
 
 

@@ -33,10 +33,6 @@ class ClassSpec:
     raw_values: tuple[int, ...]
     groups: tuple[str, ...] = ()
 
-    @property
-    def is_region(self) -> bool:
-        return len(self.raw_values) > 1
-
 
 @dataclass(frozen=True)
 class DatasetSpec:

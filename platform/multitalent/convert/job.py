@@ -18,12 +18,20 @@ class SynthSection(StrictModel):
 
 
 class NormalizationSection(StrictModel):
-    """CT normalisation: statistics of the whole collection's foreground, or fixed values."""
+    """CT normalisation: statistics of the whole collection's foreground, or fixed values.
+
+    ``rule`` says which foreground voxels the statistics see: ``every_nth`` (default; nnU-Net v1's
+    rule that produced the paper's values: every ``every_nth``-th foreground voxel of each case, so
+    cases weigh by their foreground volume) or ``draws`` (``samples_per_case`` random draws per case,
+    every case weighing the same).
+    """
 
     source: Literal["collection", "fixed"] = "collection"
     clip: list[float] | None = None
     mean: float | None = None
     std: float | None = Field(default=None, gt=0)
+    rule: Literal["every_nth", "draws"] = "every_nth"
+    every_nth: int = Field(default=10, gt=0)
     samples_per_case: int = Field(default=10_000, gt=0)
 
     @model_validator(mode="after")

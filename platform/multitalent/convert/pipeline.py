@@ -240,7 +240,12 @@ def run_conversion(
                 calls,
                 cpus=cpus,
                 desc="scan",
-                kwargs={"samples": job.preprocess.normalization.samples_per_case, "cache_dir": str(cache)},
+                kwargs={
+                    "rule": job.preprocess.normalization.rule,
+                    "samples": job.preprocess.normalization.samples_per_case,
+                    "every_nth": job.preprocess.normalization.every_nth,
+                    "cache_dir": str(cache),
+                },
             )
             scanned.sort(key=lambda r: (r["dataset_id"], r["case_id"]))
             bad = {(r["dataset_id"], r["case_id"]) for r in scanned if r["status"] == "failed"}

@@ -38,26 +38,42 @@ def source_digest(case: Any) -> str:
             continue
         h.update(Path(p).name.encode())
         with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+            hashlib.file_digest(f, lambda: h)  # feeds the file into the running hash
     return h.hexdigest()
 
 
-def scan_case(case: Any, dataset: DatasetSpec, *, samples: int, cache_dir: str) -> dict[str, Any]:
-    """Validate a case and draw its foreground intensity sample (cached on disk for reruns)."""
+def scan_case(
+    case: Any,
+    dataset: DatasetSpec,
+    *,
+    cache_dir: str,
+    rule: str = "every_nth",
+    samples: int = 10_000,
+    every_nth: int = 10,
+) -> dict[str, Any]:
+    """Validate a case and take its foreground intensity sample (cached on disk for reruns).
+
+    ``rule``: ``every_nth`` (nnU-Net v1: every ``every_nth``-th foreground voxel) or ``draws``
+    (``samples`` random draws).
+    """
     from multitalent.preprocess import foreground_intensity_sample
+    from multitalent.preprocess.stats import foreground_intensity_every_nth
     from multitalent.rawio import CaseError, load_case
 
     key = f"{case.dataset_id}__{case.case_id}"
     digest = source_digest(case)
-    cached = Path(cache_dir) / f"{key}.{digest[:16]}.npy"
+    what = f"every{every_nth}" if rule == "every_nth" else f"draws{samples}"
+    cached = Path(cache_dir) / f"{key}.{what}.{digest[:16]}.npy"
     if cached.is_file():
         return {"status": "ok", "dataset_id": case.dataset_id, "case_id": case.case_id, "sample": str(cached)}
     try:
         loaded = load_case(case, dataset)
     except CaseError as e:
         return _failed(case, e.path, e.reason)
-    sample = foreground_intensity_sample(loaded.image, loaded.label, n=samples, seed=key)
+    if rule == "every_nth":
+        sample = foreground_intensity_every_nth(loaded.image, loaded.label, step=every_nth).astype(np.float32)
+    else:
+        sample = foreground_intensity_sample(loaded.image, loaded.label, n=samples, seed=key)
     tmp = cached.with_name(f".tmp-{cached.stem}-{os.getpid()}.npy")
     np.save(tmp, sample)
     tmp.replace(cached)

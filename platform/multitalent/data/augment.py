@@ -8,11 +8,13 @@ Drawing and applying are split: :func:`sample_params` draws every random decisio
 :class:`AugmentParams` (small CPU tensors, from a CPU ``torch.Generator``), :func:`apply_params` applies
 them. :func:`augment_batch` does both. Tests force exact parameters by building ``AugmentParams`` by hand.
 
-Order of operations follows nnU-Net v2's ``nnUNetTrainer.get_training_transforms`` (no elastic
-deformation, as MultiTalent's reference):
+Order of operations follows nnU-Net's training transforms (no elastic deformation, as MultiTalent's
+reference); where nnU-Net v1's moreDA (MultiTalent's reference) and v2 differ, v1 is followed (scale
+draw, one blur sigma, cubic low-resolution upsampling; docs/fidelity.md lists what remains):
 
 1. spatial: rotation (p 0.2 per sample; when it hits, all three axes get an angle in ±30°) and isotropic
-   scaling (p 0.2, factor 0.7–1.4; > 1 samples a larger region, so structures look smaller), sampled from
+   scaling (p 0.2, factor from 0.7–1.4, below or above 1 with equal odds as in v1; > 1 samples a
+   larger region, so structures look smaller), sampled from
    the centre of the (larger) input patch; mirroring on each axis with p 0.5 is folded into the same
    affine (nnU-Net mirrors last; every intensity transform here is mirror-equivariant, so the
    distribution is the same). Image trilinear, labels nearest; outside the input: image 0, label 0.
@@ -20,13 +22,13 @@ deformation, as MultiTalent's reference):
    1-D interpolation (much cheaper); the others are cropped and flipped, never resampled (exact).
 2. Gaussian noise, p 0.1, std ~ U(0, 0.1) shared by the channels (nnU-Net calls it "variance" but uses
    it as the standard deviation).
-3. Gaussian blur, p 0.2, then each channel p 0.5, σ ~ U(0.5, 1) drawn per channel and per axis,
+3. Gaussian blur, p 0.2, then each channel p 0.5, σ ~ U(0.5, 1) drawn per channel, shared by the axes,
    separable, reflect padding, kernel radius ceil(3σ).
 4. multiplicative brightness, p 0.15, factor per channel from 0.75–1.25.
 5. contrast, p 0.15, factor per channel from 0.75–1.25 about the channel mean, clipped back to the
    channel's previous range.
 6. low-resolution simulation, p 0.25, then each channel p 0.5, zoom ~ U(0.5, 1) shared by the axes:
-   nearest-exact downsampling, trilinear upsampling.
+   nearest-exact downsampling, cubic-convolution upsampling (v1: cubic spline).
 7. inverted gamma, p 0.1: gamma on the negated image; then 8. gamma, p 0.3; γ per channel from 0.7–1.5;
    both restore the channel's mean and standard deviation.
 
@@ -86,13 +88,17 @@ def _hits(p: float, shape: tuple[int, ...], generator: torch.Generator) -> torch
     return torch.rand(shape, generator=generator, dtype=torch.float64) < p
 
 
-def _below_or_above_one(rng: Range, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """nnU-Net's BGContrast draw: p 0.5 uniform in [low, 1), else uniform in [max(low, 1), high)."""
+def _below_or_above_one(
+    rng: Range, shape: tuple[int, ...], generator: torch.Generator, *, float32: bool = True
+) -> torch.Tensor:
+    """nnU-Net's draw for factors around 1 (contrast, gamma, and v1's scaling): p 0.5 uniform in
+    [low, 1), else uniform in [max(low, 1), high)."""
     low, high = rng
     pick_low = _hits(0.5, shape, generator) & (low < 1.0)
     below = _uniform(low, min(1.0, high), shape, generator)
     above = _uniform(max(low, 1.0), high, shape, generator)
-    return torch.where(pick_low, below, above).float()
+    out = torch.where(pick_low, below, above)
+    return out.float() if float32 else out
 
 
 def sample_params(
@@ -111,7 +117,8 @@ def sample_params(
     rotate_b = _hits(config.p_rotation, (b,), g)
     rotation = _uniform(rot_lo, rot_hi, (b, 3), g)
     scale_b = _hits(config.p_scaling, (b,), g)
-    scale_factor = _uniform(*config.scaling, (b,), g)
+    # nnU-Net v1 (batchgenerators' augment_spatial): below or above 1 with equal odds, not U(0.7, 1.4).
+    scale_factor = _below_or_above_one(config.scaling, (b,), g, float32=False)
     mirror_b3 = torch.rand((b, 3), generator=g, dtype=torch.float64) < torch.tensor(
         config.p_mirror_zyx, dtype=torch.float64
     )
@@ -119,7 +126,8 @@ def sample_params(
     noise_std = _uniform(*config.noise_std, (b,), g).float()
     blur_b = _hits(config.p_blur, (b,), g)
     blur_bc = blur_b[:, None] & _hits(config.blur_p_per_channel, (b, c), g)
-    blur_sigma = _uniform(*config.blur_sigma, (b, c, 3), g).float()
+    # nnU-Net v1's moreDA: one sigma per channel, shared by the three axes.
+    blur_sigma = _uniform(*config.blur_sigma, (b, c, 1), g).float().expand(b, c, 3).contiguous()
     brightness_b = _hits(config.p_brightness, (b,), g)
     brightness = _below_or_above_one(config.brightness, (b, c), g)
     contrast_b = _hits(config.p_contrast, (b,), g)

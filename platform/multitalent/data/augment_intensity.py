@@ -137,7 +137,13 @@ def apply_contrast(image_bczyx: torch.Tensor, params: AugmentParams) -> None:
 
 
 def apply_lowres(image_bczyx: torch.Tensor, params: AugmentParams) -> None:
-    """Nearest-exact downsampling by the zoom, trilinear upsampling back, per selected volume.
+    """Nearest-exact downsampling by the zoom, cubic upsampling back, per selected volume.
+
+    nnU-Net v1/v2 (``SimulateLowResolutionTransform``: ``order_downsample=0, order_upsample=3``) resize
+    with scikit-image: nearest-neighbour down, cubic *B-spline* (scipy order 3) up, half-pixel grid, edge
+    mode. The upsampling here is separable cubic *convolution* (torch's bicubic, Keys a = -0.75): the
+    same support and grid convention, slightly different weights (both interpolate the samples exactly;
+    the B-spline's prefilter makes it a little sharper). Like any cubic it can overshoot the input range.
 
     A loop over the selected volumes: each has its own downsampled shape.
     """
@@ -146,7 +152,21 @@ def apply_lowres(image_bczyx: torch.Tensor, params: AugmentParams) -> None:
         zoom = float(params.lowres_zoom_bc[b, c])
         small = [max(1, round(s * zoom)) for s in spatial]
         down = F.interpolate(image_bczyx[b, c][None, None], size=small, mode="nearest-exact")
-        image_bczyx[b, c] = F.interpolate(down, size=spatial, mode="trilinear", align_corners=False)[0, 0]
+        image_bczyx[b, c] = upsample_cubic(down[0, 0], spatial)
+
+
+def upsample_cubic(volume_zyx: torch.Tensor, size_zyx: list[int]) -> torch.Tensor:
+    """Separable cubic-convolution resize of a ``(z, y, x)`` volume (half-pixel grid, edge clamped).
+
+    torch has no tricubic mode: ``bicubic`` over (y, x) for every z slice, then over (z, y*x) with the
+    second axis unchanged (at scale 1 the cubic weights are (0, 1, 0, 0): an exact copy).
+    """
+    z, _, _ = volume_zyx.shape
+    out_z, out_y, out_x = size_zyx
+    planes = F.interpolate(volume_zyx[:, None], size=(out_y, out_x), mode="bicubic", align_corners=False)
+    columns = planes.reshape(1, 1, z, out_y * out_x)
+    full = F.interpolate(columns, size=(out_z, out_y * out_x), mode="bicubic", align_corners=False)
+    return full.reshape(out_z, out_y, out_x)
 
 
 def apply_gamma(

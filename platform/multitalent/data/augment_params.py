@@ -23,13 +23,13 @@ class AugmentConfig:
     p_rotation: float = 0.2
     rotation_deg: Range = (-30.0, 30.0)  # per axis; all three axes rotate when p_rotation hits
     p_scaling: float = 0.2
-    scaling: Range = (0.7, 1.4)  # isotropic; multiplies sampling coordinates (> 1 = zoom out)
+    scaling: Range = (0.7, 1.4)  # isotropic; below or above 1 with equal odds; > 1 = zoom out
     p_mirror_zyx: tuple[float, float, float] = (0.5, 0.5, 0.5)
     p_noise: float = 0.1
     noise_std: Range = (0.0, 0.1)
     p_blur: float = 0.2
     blur_p_per_channel: float = 0.5
-    blur_sigma: Range = (0.5, 1.0)  # voxels, per channel and per axis
+    blur_sigma: Range = (0.5, 1.0)  # voxels, per channel (shared by the axes, as nnU-Net v1)
     p_brightness: float = 0.15
     brightness: Range = (0.75, 1.25)
     p_contrast: float = 0.15

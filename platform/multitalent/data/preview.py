@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from multitalent.arrays import as_numpy
 from multitalent.overlay import label_masks, overlay_slice
 
 if TYPE_CHECKING:
@@ -28,12 +29,6 @@ _LINE_PX = 12
 _TITLE_PX = _TITLE_LINES * _LINE_PX + 2
 _CHAR_PX = 6  # upper bound of a character width in PIL's default font
 _MIN_PANEL_PX = 192
-
-
-def _as_numpy(array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
 
 
 def _panel(image_yx: np.ndarray, label_yx: np.ndarray) -> np.ndarray:
@@ -66,7 +61,7 @@ def render_grid(
         )
     panels: list[np.ndarray] = []
     for i, (img, lab) in enumerate(zip(images, labels)):
-        img_yx, lab_yx = _as_numpy(img).astype(np.float32), _as_numpy(lab)
+        img_yx, lab_yx = as_numpy(img).astype(np.float32), as_numpy(lab)
         if img_yx.ndim != 2 or img_yx.shape != lab_yx.shape:
             raise ValueError(
                 f"render_grid: panel {i}: image {img_yx.shape} and label {lab_yx.shape} must be 2-D alike"

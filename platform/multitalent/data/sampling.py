@@ -4,10 +4,13 @@
   probability ∝ ``n_d ** -exponent``, where ``n_d`` is the number of training cases of the case's
   dataset. ``exponent=0.5`` (MultiTalent) draws a dataset ∝ √n; 0 is uniform over cases, 1 uniform
   over datasets.
-- Patch centres: with probability ``fg_fraction`` (1/3) a patch is centred on a stored foreground
-  voxel of a class present in the case (class uniform among present classes, voxel uniform among that
-  class's stored locations); otherwise the patch position is uniform over the volume with nnU-Net's
-  padding rule (see :func:`random_center`).
+- Patch centres: a patch forced onto foreground is centred on a stored foreground voxel of a class
+  present in the case (class uniform among present classes, voxel uniform among that class's stored
+  locations); otherwise the patch position is uniform over the volume with nnU-Net's padding rule (see
+  :func:`random_center`). Which patches are forced (:class:`ForegroundSchedule`): ``fg_mode="coin"``
+  tosses a coin of probability ``fg_fraction`` (1/3) per patch; ``fg_mode="fixed"`` forces a fixed
+  count per global batch, the last ``B - round(B (1 - fg_fraction))`` slots, as nnU-Net v1's
+  ``DataLoader3D.get_do_oversample`` (and its DDP trainer's per-rank split) does.
 - Randomness is explicit: :func:`stream_rngs` derives independent generators from
   ``SeedSequence([seed, rank, worker])`` so every (seed, rank, worker) replays the same stream.
 - :func:`kfold_split` reproduces nnU-Net's per-dataset 5-fold split (sklearn ``KFold(5, shuffle=True,
@@ -22,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -30,6 +33,8 @@ T = TypeVar("T")
 
 DEFAULT_EXPONENT = 0.5
 DEFAULT_FG_FRACTION = 1.0 / 3.0
+FgMode = Literal["coin", "fixed"]
+FG_MODES: tuple[str, ...] = ("coin", "fixed")
 KFOLD_SEED = 12345
 
 
@@ -158,6 +163,69 @@ class CenterDraw:
     fg_class: int
 
 
+def fixed_foreground_slots(
+    batch_size: int, fg_fraction: float = DEFAULT_FG_FRACTION, *, rank: int = 0, world_size: int = 1
+) -> tuple[bool, ...]:
+    """Which slots of ``rank``'s local batch are forced onto foreground in ``fg_mode="fixed"``.
+
+    nnU-Net v1's rule on the global batch of ``B = batch_size * world_size`` samples: sample ``g`` is
+    forced iff ``g >= round(B * (1 - fg_fraction))`` (``DataLoader3D.get_do_oversample``; Python's
+    ``round``, half to even), global slot ``g = rank * batch_size + i``. Its DDP trainer splits the
+    oversampling over the ranks so that the global batch follows this rule
+    (``nnUNetTrainerV2_DDP.set_batch_size_and_oversample``). B = 4, 1/3: one forced (the last slot);
+    B = 2: one of two; B = 1: none.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}"
+        )
+    if not 0.0 <= fg_fraction <= 1.0:
+        raise ValueError(f"fg_fraction must lie in [0, 1], got {fg_fraction}")
+    first = round(batch_size * world_size * (1.0 - fg_fraction))
+    return tuple(rank * batch_size + i >= first for i in range(batch_size))
+
+
+class ForegroundSchedule:
+    """Decides, patch by patch of one sample stream, whether the patch is forced onto foreground.
+
+    ``mode="coin"``: each patch independently with probability ``fg_fraction`` (draws one number from the
+    generator passed to :meth:`next`). ``mode="fixed"``: the stream is cut into local batches of
+    ``batch_size`` consecutive patches, and slot ``i`` is forced iff
+    ``fixed_foreground_slots(batch_size, fg_fraction, rank=rank, world_size=world_size)[i]`` (no random
+    number drawn); the stream must start at a batch boundary, as the sources' streams do.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: FgMode = "coin",
+        fg_fraction: float = DEFAULT_FG_FRACTION,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if mode not in FG_MODES:
+            raise ValueError(f"fg_mode must be one of {FG_MODES}, got {mode!r}")
+        if not 0.0 <= fg_fraction <= 1.0:
+            raise ValueError(f"fg_fraction must lie in [0, 1], got {fg_fraction}")
+        self.mode = mode
+        self.fg_fraction = float(fg_fraction)
+        self.slots = (
+            fixed_foreground_slots(batch_size, fg_fraction, rank=rank, world_size=world_size)
+            if mode == "fixed"
+            else ()
+        )
+        self._position = 0
+
+    def next(self, rng: np.random.Generator) -> bool:
+        """Whether the next patch of the stream is forced onto foreground."""
+        if self.mode == "coin":
+            return bool(rng.random() < self.fg_fraction)
+        force = self.slots[self._position]
+        self._position = (self._position + 1) % len(self.slots)
+        return force
+
+
 def draw_center(
     rng: np.random.Generator,
     *,
@@ -166,14 +234,17 @@ def draw_center(
     fg_locations: np.ndarray | None,
     classes_present: Sequence[int] | None = None,
     fg_fraction: float = DEFAULT_FG_FRACTION,
+    force_fg: bool | None = None,
 ) -> CenterDraw:
     """One patch centre: foreground with probability ``fg_fraction``, else random.
 
-    The coin is tossed for every patch, so the foreground share is ``fg_fraction`` whatever the case.
+    The coin is tossed for every patch, so the foreground share is ``fg_fraction`` whatever the case;
+    ``force_fg`` (e.g. from :meth:`ForegroundSchedule.next`) replaces the coin when given.
     A case without foreground (all-background label) falls back to a random centre.
-    ``fg_locations`` may be ``None`` when ``fg_fraction`` is 0 (callers may skip reading it).
+    ``fg_locations`` may be ``None`` when no patch is forced (callers may skip reading it).
     """
-    force_fg = bool(rng.random() < fg_fraction)
+    if force_fg is None:
+        force_fg = bool(rng.random() < fg_fraction)
     if force_fg and fg_locations is not None:
         classes = foreground_classes(fg_locations, classes_present)
         if classes:
@@ -189,8 +260,11 @@ class PatchSampler:
         dataset_ids: dataset of each training case, ``(N,)``; sets the probabilities.
         patch_zyx: patch size in voxels.
         exponent: case weight ``n_d ** -exponent``.
-        fg_fraction: probability that a patch is forced onto foreground.
+        fg_fraction: share of patches forced onto foreground.
         rngs: ``(case_rng, center_rng)``, e.g. from :func:`stream_rngs`.
+        fg_mode: ``"coin"`` (a coin per patch) or ``"fixed"`` (nnU-Net v1: a fixed count per global
+            batch, see :func:`fixed_foreground_slots`); ``batch_size`` (per rank), ``rank`` and
+            ``world_size`` place this stream's patches in the global batch for ``"fixed"``.
     """
 
     def __init__(
@@ -201,6 +275,10 @@ class PatchSampler:
         rngs: Sequence[np.random.Generator],
         exponent: float = DEFAULT_EXPONENT,
         fg_fraction: float = DEFAULT_FG_FRACTION,
+        fg_mode: FgMode = "coin",
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not 0.0 <= fg_fraction <= 1.0:
             raise ValueError(f"fg_fraction must lie in [0, 1], got {fg_fraction}")
@@ -209,6 +287,9 @@ class PatchSampler:
         self.probabilities = case_probabilities(dataset_ids, exponent=exponent)
         self.patch_zyx = tuple(int(p) for p in patch_zyx)
         self.fg_fraction = float(fg_fraction)
+        self.schedule = ForegroundSchedule(
+            mode=fg_mode, fg_fraction=fg_fraction, batch_size=batch_size, rank=rank, world_size=world_size
+        )
         self.case_rng, self.center_rng = rngs[0], rngs[1]
 
     def draw_cases(self, count: int) -> np.ndarray:
@@ -229,6 +310,7 @@ class PatchSampler:
             fg_locations=fg_locations,
             classes_present=classes_present,
             fg_fraction=self.fg_fraction,
+            force_fg=self.schedule.next(self.center_rng),
         )
 
 

@@ -39,6 +39,8 @@ from multitalent.data.sampling import (
     DEFAULT_EXPONENT,
     DEFAULT_FG_FRACTION,
     KEY_SEPARATOR,
+    FgMode,
+    ForegroundSchedule,
     PatchSampler,
     case_key,
     case_ref,
@@ -155,6 +157,7 @@ class ZarrPatchSource(IterableDataset):
         world_size: int = 1,
         exponent: float = DEFAULT_EXPONENT,
         fg_fraction: float = DEFAULT_FG_FRACTION,
+        fg_mode: FgMode = "coin",
         num_batches: int | None = None,
         cache_cases: int = 32,
         storage_options: Mapping[str, Any] | None = None,
@@ -180,7 +183,7 @@ class ZarrPatchSource(IterableDataset):
         self.dataset_idx = np.array([catalog.dataset_index(d) for d, _ in refs], dtype=np.int64)
         self.annotated_dk = np.asarray(catalog.annotated_mask())
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.exponent, self.fg_fraction = exponent, fg_fraction
+        self.exponent, self.fg_fraction, self.fg_mode = exponent, fg_fraction, fg_mode
         self.num_batches, self.cache_cases = num_batches, max(1, cache_cases)
         self.storage_options = dict(storage_options or {})
         self.epoch = 0
@@ -232,6 +235,10 @@ class ZarrPatchSource(IterableDataset):
             rngs=stream_rngs(self.seed, self.rank, worker, epoch=self.epoch),
             exponent=self.exponent,
             fg_fraction=self.fg_fraction,
+            fg_mode=self.fg_mode,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         while True:
             for i in sampler.draw_cases(self.batch_size):
@@ -295,6 +302,7 @@ class WebDatasetPatchSource(IterableDataset):
         patches_per_case: float = 2.0,
         exponent: float = DEFAULT_EXPONENT,
         fg_fraction: float = DEFAULT_FG_FRACTION,
+        fg_mode: FgMode = "coin",
         num_batches: int | None = None,
         epochs: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
@@ -335,7 +343,7 @@ class WebDatasetPatchSource(IterableDataset):
         self.annotated_dk = np.asarray(catalog.annotated_mask())
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer, self.patches_per_case = shuffle_buffer, patches_per_case
-        self.exponent, self.fg_fraction = exponent, fg_fraction
+        self.exponent, self.fg_fraction, self.fg_mode = exponent, fg_fraction, fg_mode
         self.num_batches, self.epochs = num_batches, epochs
         self.storage_options = dict(storage_options or {})
         self.start_epoch = 0
@@ -410,6 +418,13 @@ class WebDatasetPatchSource(IterableDataset):
     def samples(self, *, worker: int = 0, num_workers: int = 1) -> Iterator[PatchSample]:
         """Patch samples drawn from a shuffle buffer of loaded cases."""
         _, center_rng, buffer_rng, _ = self._rngs(worker)
+        schedule = ForegroundSchedule(
+            mode=self.fg_mode,
+            fg_fraction=self.fg_fraction,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         buffer: list[list[Any]] = []  # [case, remaining patches]
         source = self.cases(worker=worker, num_workers=num_workers)
         exhausted = False
@@ -428,9 +443,9 @@ class WebDatasetPatchSource(IterableDataset):
             if buffer[j][1] == 0:
                 buffer[j] = buffer[-1]
                 buffer.pop()
-            yield self.patch_of(case, center_rng)
+            yield self.patch_of(case, center_rng, force_fg=schedule.next(center_rng))
 
-    def patch_of(self, case: Any, rng: np.random.Generator) -> PatchSample:
+    def patch_of(self, case: Any, rng: np.random.Generator, *, force_fg: bool | None = None) -> PatchSample:
         draw = draw_center(
             rng,
             shape_zyx=case.image.shape,
@@ -438,6 +453,7 @@ class WebDatasetPatchSource(IterableDataset):
             fg_locations=case.fg_locations,
             classes_present=case.meta.get("classes_present"),
             fg_fraction=self.fg_fraction,
+            force_fg=force_fg,
         )
         return self.read_sample(case, draw.center_zyx, fg_class=draw.fg_class)
 

@@ -84,7 +84,7 @@ def derived_config(settings: DeepSpeedSettings) -> tuple[dict[str, Any], dict[st
         "zero_optimization": {"stage": settings.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,
-        # Print every 2**31 - 1 steps, i.e. never: the trainer logs.
+        # DeepSpeed prints a progress report every ``steps_per_print`` steps; 2**31 - 1 means never.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

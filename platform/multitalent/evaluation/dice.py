@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from multitalent.arrays import as_numpy as _as_numpy
 from multitalent.catalog.model import GROUPS
 from multitalent.metric_names import metric_key
 
@@ -29,10 +30,8 @@ DiceMethod = Literal["global", "per_case"]
 
 
 def as_numpy(x: Any, *, dtype: Any = np.float64) -> np.ndarray:
-    """A numpy copy of a numpy array, torch tensor (any device) or nested sequence."""
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
+    """:func:`multitalent.arrays.as_numpy`, float64 unless told otherwise (counts and sums)."""
+    return _as_numpy(x, dtype=dtype)
 
 
 def tp_fp_fn(pred_bk_spatial: Any, target_bk_spatial: Any) -> tuple[Any, Any, Any]:

@@ -1,16 +1,33 @@
 """The partial-label loss of MultiTalent (paper Eq. 2).
 
 Notation: ``x[b, k, v]`` logits, ``p = sigmoid(x)``, ``y[b, k, v]`` binary targets, ``a[b, k]`` whether
-sample ``b``'s source dataset annotates global class ``k``, ``N_b`` voxels per sample. For each class ``k``
-(sums over the *global* batch: every rank's samples when ``reduce`` is an all-reduce):
+sample ``b``'s source dataset annotates global class ``k``, ``N_b`` voxels per sample, ``bce_bk`` =
+``1/N_b sum_v bce(x[b,k,v], y[b,k,v])`` (the voxel mean of one sample). For each class ``k`` (sums over the
+*global* batch: every rank's samples when ``reduce`` is an all-reduce):
 
     n_k     = sum_b a[b,k]                                       annotated samples of class k
-    BCE_k   = 1/n_k * sum_b a[b,k] * 1/N_b * sum_v bce(x[b,k,v], y[b,k,v])
-              (the paper's 1/I with I = n_k * N: the mean over every voxel of the annotated samples)
+    BCE_k   = 1/n_k * sum_b a[b,k] bce_bk                        reduction="mean" (default)
+    BCE_k   =         sum_b a[b,k] bce_bk                        reduction="sum"
     tp_k    = sum_b a[b,k] sum_v p*y,  fp_k = sum_b a[b,k] sum_v p*(1-y),  fn_k = sum_b a[b,k] sum_v (1-p)*y
-    Dice_k  = 2 tp_k / max(2 tp_k + fp_k + fn_k, eps)                            dice="batch" (default)
-    Dice_k  = 1/n_k * sum_b a[b,k] * 2tp_bk / max(2tp_bk + fp_bk + fn_bk, eps)  dice="sample"
+    Dice_k  = 2 tp_k / max(2 tp_k + fp_k + fn_k, eps)                     dice="batch" (default)
+    Dice_k  = R_b a[b,k] * 2tp_bk / max(2tp_bk + fp_bk + fn_bk, eps)       dice="sample"
+              (R = 1/n_k sum_b for reduction="mean", sum_b for reduction="sum")
     L       = sum_{k: n_k > 0} (BCE_k - Dice_k)
+
+Three readings of Eq. 2, all expressible here (``docs/fidelity.md`` compares them):
+
+- **paper, literal** -- ``reduction="sum", dice="batch"``: Eq. 2 with ``1/I`` the voxels of *one* image and
+  ``sum_z`` over batch and voxels, so the BCE grows with the number of annotated samples of the batch
+  while the batch Dice stays one ratio per class.
+- **reference code** -- ``reduction="sum", dice="sample"``: ``BCEWithLogitsLoss()`` (a voxel mean) per
+  annotated (sample, class), summed; per-sample Dice summed (its gather stacks rather than concatenates,
+  so its "batch" Dice is per local batch slot). Exact on one process. Under DDP the reference sums over
+  each rank's *local* batch and DDP averages the gradients, i.e. it optimises this sum divided by the
+  world size, with Dice pooled per local slot across ranks; this module's ``sum`` is over the global
+  batch, the same on 1 and on N processes.
+- **this platform's default** -- ``reduction="mean", dice="batch"``: the BCE a voxel mean over every
+  annotated voxel of the class (``I = n_k * N``), the Dice the paper's batch Dice; the BCE:Dice balance of
+  a class does not depend on how many samples of the batch annotate it.
 
 Classes are summed, not averaged, so the gradient reaching one head does not depend on how many other
 classes its dataset (or the batch) has; gradient clipping absorbs the larger magnitude. A class with
@@ -18,10 +35,10 @@ classes its dataset (or the batch) has; gradient clipping absorbs the larger mag
 
 A class annotated but absent (``sum y = 0`` over its annotated samples): ``tp = fn = 0``, so Dice = 0
 and ``dDice/dp_v = (2 y_v D - 2 tp) / D^2 = 0`` for every voxel (``D = 2tp + fp + fn``; also 0 where the
-``eps`` clamp is active): no Dice gradient, while BCE still pushes its false positives down with
-``(p - 0) / I``. In batch mode a sample without the class whose batch-mate has it *does* get a Dice
-gradient (``-2 tp / D^2`` per unit of ``p``) -- that is what pooling the batch means. In sample mode such
-a sample has Dice 0 with no gradient but still counts in ``n_k`` (as in the reference code).
+``eps`` clamp is active): no Dice gradient, while BCE still pushes its false positives down. In batch mode
+a sample without the class whose batch-mate has it *does* get a Dice gradient (``-2 tp / D^2`` per unit
+of ``p``) -- that is what pooling the batch means. In sample mode such a sample has Dice 0 with no gradient
+but still counts in ``n_k`` (as in the reference code).
 """
 
 from __future__ import annotations
@@ -36,6 +53,7 @@ from multitalent.losses.voxel_sums import DEFAULT_CHUNK_ELEMENTS, voxel_sums
 
 Reduce = Callable[[Tensor], Tensor]
 DiceMode = Literal["batch", "sample"]
+Reduction = Literal["mean", "sum"]
 
 # Rows of the per-class statistics handed to ``reduce`` (every row is a sum over samples, so summing
 # it over ranks gives the statistics of the concatenated batch).
@@ -50,7 +68,10 @@ class PartialLabelLoss(nn.Module):
     Args:
         dice: ``"batch"`` (paper): tp/fp/fn are summed over all annotated samples of the (global) batch
             before the ratio. ``"sample"``: the reference code's variant, one Dice per annotated
-            (sample, class), averaged over the annotated samples of each class.
+            (sample, class), combined over the annotated samples of each class by ``reduction``.
+        reduction: how the per-(sample, class) terms -- the BCE, and the Dice in ``"sample"`` mode --
+            combine over a class's annotated samples: ``"mean"`` (default) or ``"sum"`` (the reference
+            code, and Eq. 2 read with ``I`` = the voxels of one image). See the module docstring.
         eps: lower bound of the Dice denominator (no smoothing term, as in the reference code).
         hard_metrics: also count tp/fp/fn of the hard prediction ``p > 0.5`` (i.e. ``logit > 0``) for
             the metrics (three extra reductions, no gradient).
@@ -74,18 +95,22 @@ class PartialLabelLoss(nn.Module):
 
     Returns ``(loss, metrics)``: ``loss`` a 0-d tensor; ``metrics`` detached tensors on the logits'
     device (no host sync), all global when ``reduce`` is an all-reduce:
-    ``loss``, ``loss_k``, ``bce_k``, ``dice_k`` (the Dice in the loss), ``dice_batch_k``,
-    ``dice_sample_k``, ``tp_k``/``fp_k``/``fn_k`` (soft), ``tp_hard_k``/``fp_hard_k``/``fn_hard_k``
+    ``loss``, ``loss_k``, ``bce_k`` and ``dice_k`` (the terms in the loss: ``loss_k = bce_k - dice_k``;
+    sums over samples under ``reduction="sum"``), ``bce_mean_k`` (BCE per annotated voxel),
+    ``dice_batch_k``, ``dice_sample_k`` (mean per-sample Dice; both Dice values in [0, 1]),
+    ``tp_k``/``fp_k``/``fn_k`` (soft), ``tp_hard_k``/``fp_hard_k``/``fn_hard_k``
     (if ``hard_metrics``), ``annotated_k`` (annotated samples per class), ``num_annotated_classes``.
 
     Raises:
-        TypeError: wrong dtypes. ValueError: inconsistent shapes or devices, bad ``dice``/``eps``.
+        TypeError: wrong dtypes. ValueError: inconsistent shapes or devices, bad ``dice``,
+            ``reduction`` or ``eps``.
     """
 
     def __init__(
         self,
         *,
         dice: DiceMode = "batch",
+        reduction: Reduction = "mean",
         eps: float = 1e-7,
         hard_metrics: bool = True,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -93,9 +118,12 @@ class PartialLabelLoss(nn.Module):
         super().__init__()
         if dice not in ("batch", "sample"):
             raise ValueError(f"PartialLabelLoss: dice must be 'batch' or 'sample', got {dice!r}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"PartialLabelLoss: reduction must be 'mean' or 'sum', got {reduction!r}")
         if not eps > 0:
             raise ValueError(f"PartialLabelLoss: eps must be > 0, got {eps}")
         self.dice = dice
+        self.reduction = reduction
         self.eps = float(eps)
         self.hard_metrics = hard_metrics
         if chunk_elements < 1:
@@ -104,7 +132,8 @@ class PartialLabelLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dice={self.dice!r}, eps={self.eps}, hard_metrics={self.hard_metrics}, "
+            f"dice={self.dice!r}, reduction={self.reduction!r}, eps={self.eps}, "
+            f"hard_metrics={self.hard_metrics}, "
             f"chunk_elements={self.chunk_elements}"
         )
 
@@ -169,10 +198,15 @@ class PartialLabelLoss(nn.Module):
         zero = stats_rk.new_zeros(())
         n_safe = n_k.clamp_min(1)
 
-        bce_k = torch.where(annotated_k, stats_rk[_ROW["bce"]] / n_safe, zero)
+        bce_sum_k, dice_sample_sum_k = stats_rk[_ROW["bce"]], stats_rk[_ROW["dice_sample"]]
+        bce_mean_k = torch.where(annotated_k, bce_sum_k / n_safe, zero)
         dice_batch_k = torch.where(annotated_k, 2 * tp / (2 * tp + fp + fn).clamp_min(self.eps), zero)
-        dice_sample_k = torch.where(annotated_k, stats_rk[_ROW["dice_sample"]] / n_safe, zero)
-        dice_k = dice_batch_k if self.dice == "batch" else dice_sample_k
+        dice_sample_k = torch.where(annotated_k, dice_sample_sum_k / n_safe, zero)
+        if self.reduction == "mean":
+            bce_k, dice_sample_term_k = bce_mean_k, dice_sample_k
+        else:  # the sums are already 0 where n_k = 0 (masked per (b, k) in ``statistics``)
+            bce_k, dice_sample_term_k = bce_sum_k, dice_sample_sum_k
+        dice_k = dice_batch_k if self.dice == "batch" else dice_sample_term_k
         loss_k = bce_k - dice_k
         loss = loss_k.sum()
 
@@ -180,6 +214,7 @@ class PartialLabelLoss(nn.Module):
             "loss": loss,
             "loss_k": loss_k,
             "bce_k": bce_k,
+            "bce_mean_k": bce_mean_k,
             "dice_k": dice_k,
             "dice_batch_k": dice_batch_k,
             "dice_sample_k": dice_sample_k,

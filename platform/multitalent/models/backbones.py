@@ -22,7 +22,7 @@ from torch import nn
 
 from multitalent.models.topology import UNetTopology, cumulative_stride, plan_unet_topology
 
-SIZES = ("paper", "tiny")
+SIZES = ("paper", "planned", "tiny")  # "planned": resenc_unet only (see RESENC_SIZES)
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,20 @@ class Backbone:
 
 @dataclass(frozen=True)
 class UNetSize:
-    """Width and depth of an nnU-Net style CNN; strides and kernels come from the topology planner."""
+    """Width and depth of an nnU-Net style CNN.
+
+    Strides and kernels come from the topology planner, unless ``topology`` fixes them (then a patch must
+    be a multiple of its total stride). ``stem_kernel_zyx`` replaces the stem's kernel, which is otherwise
+    ``topology.kernel_sizes_zyx[0]``.
+    """
 
     base_features: int
     max_features: int
     encoder_units: tuple[int, ...]  # convs (plain) or residual blocks (ResEnc) per stage; last entry repeats
     decoder_convs: int
     max_pools: int | None
+    topology: UNetTopology | None = None
+    stem_kernel_zyx: tuple[int, int, int] | None = None
 
     def features(self, n_stages: int) -> list[int]:
         return [min(self.max_features, self.base_features * 2**s) for s in range(n_stages)]
@@ -57,9 +64,18 @@ class UNetSize:
         return [self.encoder_units[min(s, len(self.encoder_units) - 1)] for s in range(n_stages)]
 
 
-# nnU-Net v1 (the reference code) starts 3-D U-Nets at 30 features, capped at 320: 29.3 M parameters, the
-# paper's count (32 would give 30.8 M). ResEnc: blocks per stage 1,2,3,4,4,4 and a one-conv plain decoder, as
-# in the reference (68.9 M; the paper says 69.3 M).
+# nnU-Net v1 (the reference code) starts 3-D U-Nets at 30 features, capped at 320: 29.3 M parameters and
+# 0.72 T multiply-adds per 96x192x192 patch, the paper's counts (32 would give 30.8 M).
+# ResEnc "paper": the reference's plans (MultiTalent_resenc_bs4_plans_3D.pkl, 3d_fullres) -- an in-plane-only
+# first downsampling [1,2,2] and a 1x3x3 kernel at full resolution, then [2,2,2] x 4 with 3x3x3 kernels --
+# and FabiansUNet's fixed 3x3x3 stem (its ``initial_conv``); blocks per stage 1,2,3,4,4,4 (basic residual
+# blocks), one plain decoder conv per stage: 69.2 M parameters, 1.197 T multiply-adds (paper: 69.3 M, 1.2 T).
+# ResEnc "planned": the same widths and depths on the plain U-Net's planned topology (z pooled from the
+# first stage, 3x3x3 kernels everywhere): 68.9 M, 0.89 T -- what this platform built before.
+RESENC_REFERENCE_TOPOLOGY = UNetTopology(
+    strides_zyx=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+    kernel_sizes_zyx=((1, 3, 3),) + ((3, 3, 3),) * 5,
+)
 # Tiny sizes (tests, CPU demo): 4 stages of 8..64 features and one conv (or block) per stage, because on CPU
 # the backward of full-resolution 3-D convs dominates (two convs per stage cost ~3x the time of one).
 UNET_SIZES = {
@@ -70,6 +86,15 @@ UNET_SIZES = {
 }
 RESENC_SIZES = {
     "paper": UNetSize(
+        base_features=30,
+        max_features=320,
+        encoder_units=(1, 2, 3, 4),
+        decoder_convs=1,
+        max_pools=None,
+        topology=RESENC_REFERENCE_TOPOLOGY,
+        stem_kernel_zyx=(3, 3, 3),
+    ),
+    "planned": UNetSize(
         base_features=30, max_features=320, encoder_units=(1, 2, 3, 4), decoder_convs=1, max_pools=None
     ),
     "tiny": UNetSize(base_features=8, max_features=64, encoder_units=(1,), decoder_convs=1, max_pools=3),
@@ -92,9 +117,9 @@ SWIN_SIZES = {
 SWIN_DIVISIBLE_BY = 32  # patch embedding 2 x four patch mergings
 
 
-def _check_size(size: str, arch: str) -> None:
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} for {arch}; choose one of {SIZES}")
+def _check_size(size: str, arch: str, available: Sequence[str]) -> None:
+    if size not in available:
+        raise ValueError(f"unknown size {size!r} for {arch}; choose one of {tuple(available)}")
 
 
 def _no_checkpointing(gradient_checkpointing: bool, arch: str) -> None:
@@ -172,10 +197,10 @@ def _build_dna_unet(
         "unet": ("PlainConvUNet", "n_conv_per_stage", UNET_SIZES),
         "resenc_unet": ("ResidualEncoderUNet", "n_blocks_per_stage", RESENC_SIZES),
     }[arch]
-    _check_size(size, arch)
+    _check_size(size, arch, tuple(sizes))
     _no_checkpointing(gradient_checkpointing, arch)
     spec = sizes[size]
-    topology = plan_unet_topology(patch_size_zyx, spacing_zyx_mm, max_pools=spec.max_pools)
+    topology = spec.topology or plan_unet_topology(patch_size_zyx, spacing_zyx_mm, max_pools=spec.max_pools)
     _check_divisible(patch_size_zyx, topology.divisible_by_zyx, arch)
     n = topology.n_stages
     features = spec.features(n)
@@ -191,12 +216,45 @@ def _build_dna_unet(
         **layout,
         **_dna_common_kwargs(topology),
     )
+    stem_kernel = spec.stem_kernel_zyx or topology.kernel_sizes_zyx[0]
+    if spec.stem_kernel_zyx is not None:
+        _replace_stem(net, in_channels, features[0], spec.stem_kernel_zyx, topology)
     config = {
         "implementation": f"dynamic_network_architectures.{cls_name}",
         **layout,
         **_topology_config(topology, spacing_zyx_mm),
+        "topology": "fixed" if spec.topology is not None else "planned",
+        "stem_kernel_size_zyx": list(stem_kernel),
     }
     return _dna_backbone(net, topology, features, config)
+
+
+def _replace_stem(
+    net: Any, in_channels: int, channels: int, kernel_zyx: Sequence[int], topology: UNetTopology
+) -> None:
+    """Give the dna ResEnc a stem of its own kernel size (dna uses the first stage's kernel).
+
+    The reference FabiansUNet's ``initial_conv`` is a 3x3x3 conv (+ norm + nonlin) whatever the first
+    stage's kernel; dna's ``ResidualEncoder`` builds its stem with ``kernel_sizes[0]`` (1x3x3 here).
+    """
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+
+    common = _dna_common_kwargs(topology)
+    net.encoder.stem = StackedConvBlocks(
+        1,
+        common["conv_op"],
+        in_channels,
+        channels,
+        list(kernel_zyx),
+        1,
+        common["conv_bias"],
+        common["norm_op"],
+        common["norm_op_kwargs"],
+        common["dropout_op"],
+        common["dropout_op_kwargs"],
+        common["nonlin"],
+        common["nonlin_kwargs"],
+    )
 
 
 def build_plain_unet(
@@ -226,7 +284,11 @@ def build_resenc_unet(
     spacing_zyx_mm: Sequence[float],
     gradient_checkpointing: bool = False,
 ) -> Backbone:
-    """Residual-encoder U-Net (dna ``ResidualEncoderUNet``, BasicBlockD): residual encoder, plain decoder."""
+    """Residual-encoder U-Net (dna ``ResidualEncoderUNet``, BasicBlockD): residual encoder, plain decoder.
+
+    ``size="paper"``: the reference's fixed topology and 3x3x3 stem (``RESENC_REFERENCE_TOPOLOGY``; a patch
+    must be a multiple of (16, 32, 32)); ``"planned"``: the topology planned from the patch, like the U-Net.
+    """
     return _build_dna_unet(
         "resenc_unet",
         size=size,
@@ -248,7 +310,7 @@ def build_swin_unetr(
     """MONAI SwinUNETR (v1 blocks), its ``out`` conv replaced by an identity; one output level."""
     from monai.networks.nets.swin_unetr import SwinUNETR
 
-    _check_size(size, "swin_unetr")
+    _check_size(size, "swin_unetr", tuple(SWIN_SIZES))
     spec = SWIN_SIZES[size]
     divisible_by = (SWIN_DIVISIBLE_BY,) * 3
     _check_divisible(patch_size_zyx, divisible_by, "swin_unetr")

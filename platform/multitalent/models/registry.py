@@ -67,7 +67,9 @@ def build_network(
     Args:
         arch: ``"unet"``, ``"resenc_unet"``, ``"swin_unetr"`` or a registered name.
         heads: classes per head group (dataset), e.g. ``catalog.classes_per_dataset()``.
-        size: ``"paper"`` (the paper's configuration for ``patch_size_zyx``) or ``"tiny"`` (tests, CPU demo).
+        size: ``"paper"`` (the paper's configuration; for ``resenc_unet`` the reference's fixed topology),
+            ``"tiny"`` (tests, CPU demo), or ``"planned"`` (``resenc_unet`` only: the topology planned from
+            ``patch_size_zyx`` as for the U-Net, this platform's earlier ResEnc).
         deep_supervision: return logits at every decoder level (a list), else the full-resolution tensor.
         in_channels: image channels (1 for CT).
         patch_size_zyx: training patch; the CNN topology is planned from it (nnU-Net rule).

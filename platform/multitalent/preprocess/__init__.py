@@ -20,7 +20,11 @@ from multitalent.preprocess.resample import (
     resampled_shape,
     separate_axis,
 )
-from multitalent.preprocess.stats import IntensityStats, foreground_intensity_sample
+from multitalent.preprocess.stats import (
+    IntensityStats,
+    foreground_intensity_every_nth,
+    foreground_intensity_sample,
+)
 
 __all__ = [
     "DEFAULT_SPACING_ZYX_MM",
@@ -31,6 +35,7 @@ __all__ = [
     "PlanError",
     "PreprocessError",
     "PreprocessedCase",
+    "foreground_intensity_every_nth",
     "foreground_intensity_sample",
     "preprocess_case",
     "preprocess_image",

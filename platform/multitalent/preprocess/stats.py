@@ -1,9 +1,16 @@
 """CT intensity statistics of a whole collection, as nnU-Net's dataset fingerprint computes them.
 
-nnU-Net (``DatasetFingerprintExtractor``) draws, per case, a fixed number of foreground voxels
-(label > 0) *with replacement*, concatenates the draws of all cases, and takes the 0.5 / 50 / 99.5
-percentiles (numpy's linear interpolation), the mean and the (population) standard deviation of the
-concatenation, unclipped. MultiTalent does this over the whole collection, all datasets together.
+Two ways to collect each case's foreground (label > 0) intensities; the statistics are then the same:
+the 0.5 / 50 / 99.5 percentiles (numpy's linear interpolation), the mean and the (population) standard
+deviation of the concatenation over all cases, unclipped (:meth:`IntensityStats.from_samples`).
+MultiTalent does this over the whole collection, all datasets together.
+
+- :func:`foreground_intensity_every_nth` -- nnU-Net **v1** (``DatasetAnalyzer._get_voxels_in_foreground``):
+  every 10th foreground voxel in C order, ``image[label > 0][::10]``, so a case counts in proportion
+  to its foreground volume. This is the rule that produced the reference's (and the paper's)
+  ``MULTITALENT_*`` values below.
+- :func:`foreground_intensity_sample` -- nnU-Net **v2** (``DatasetFingerprintExtractor``): a fixed
+  number of foreground voxels per case drawn *with replacement*, so every case counts equally.
 """
 
 from __future__ import annotations
@@ -49,6 +56,26 @@ def foreground_intensity_sample(
         return np.zeros(0, dtype=np.float32)
     rng = np.random.default_rng(seed_from_key(seed) if isinstance(seed, str) else seed)
     return values[rng.integers(0, values.size, size=n)].astype(np.float32)
+
+
+def foreground_intensity_every_nth(image: np.ndarray, label: np.ndarray, *, step: int = 10) -> np.ndarray:
+    """Every ``step``-th foreground voxel (``label > 0``) in C order: ``image[label > 0][::step]``.
+
+    nnU-Net v1's rule (``step=10``); it ran on the cropped case at its original spacing, and cropping to
+    a bounding box keeps the C order of the voxels inside it, so the uncropped case gives the same
+    voxels when its foreground lies inside the crop box. Deterministic: no seed.
+
+    Returns:
+        ``(ceil(m / step),)`` in the image's dtype for ``m`` foreground voxels; ``(0,)`` without foreground.
+
+    Raises:
+        ValueError: shapes differ, or ``step < 1``.
+    """
+    if image.shape != label.shape:
+        raise ValueError(f"image shape {image.shape} != label shape {label.shape}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    return np.asarray(image)[np.asarray(label) > 0][::step]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ functions that need them.
 """
 
 from multitalent.shards._common import FORMAT_VERSION, ShardError, remove_temp_entries
-from multitalent.shards.digest import case_digest
+from multitalent.shards.digest import case_digest, file_sha256
 from multitalent.shards.manifest import MANIFEST_NAME, Manifest, load_manifest, manifest_dict, write_manifest
 from multitalent.shards.wds_reader import (
     CaseArrays,
@@ -48,6 +48,7 @@ __all__ = [
     "decode_wds_sample",
     "enable_fsspec_urls",
     "expand_shard_urls",
+    "file_sha256",
     "iter_shard_samples",
     "load_manifest",
     "manifest_dict",

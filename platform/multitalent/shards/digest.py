@@ -1,9 +1,10 @@
-"""The content digest of a case: independent of chunking, compression and write time."""
+"""Digests: a case's content (independent of chunking, compression and write time) and a file's bytes."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from os import PathLike
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,3 +71,9 @@ def case_digest(
             slab = np.ascontiguousarray(np.asarray(a[start : start + rows]), dtype=little)
             h.update(slab.data)
     return h.hexdigest()
+
+
+def file_sha256(path: str | PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes, read in blocks so memory stays bounded."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

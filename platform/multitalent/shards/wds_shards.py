@@ -25,7 +25,7 @@ from multitalent.shards._common import (
     canonical_json,
     temp_sibling,
 )
-from multitalent.shards.digest import case_digest
+from multitalent.shards.digest import case_digest, file_sha256
 from multitalent.shards.zarr_store import CaseRecord, open_case_zarr
 
 DEFAULT_ZSTD_LEVEL = 3
@@ -122,14 +122,6 @@ def _order(records: Sequence[CaseRecord], order: str) -> list[CaseRecord]:
     raise ValueError(f"order must be 'hashed' or 'sorted', got {order!r}")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _ShardWriter:
     def __init__(self, wds_dir: Path, index: int) -> None:
         self.final = wds_dir / SHARD_PATTERN.format(index)
@@ -154,7 +146,7 @@ class _ShardWriter:
         if size != _file_bytes(self.content_bytes):  # our size model decides the packing; keep it honest
             raise RuntimeError(f"{self.tmp}: tar is {size} bytes, expected {_file_bytes(self.content_bytes)}")
         return ShardInfo(
-            name=self.final.name, keys=tuple(self.keys), nbytes=size, sha256=_sha256_file(self.tmp)
+            name=self.final.name, keys=tuple(self.keys), nbytes=size, sha256=file_sha256(self.tmp)
         )
 
     def discard(self) -> None:

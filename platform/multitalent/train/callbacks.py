@@ -1,11 +1,12 @@
 """What happens around the training step: validation, tracking, checkpoints, test-time faults.
 
-A callback implements :class:`Callback` (``on_start``, ``on_step_start``, ``on_step_end``, ``on_end``;
-:class:`CallbackBase` gives no-op defaults) and never changes the math. Callbacks do not know each
-other: they read the trainer (``trainer.cadence`` says when something is due, ``trainer.validation``
-holds the latest validation pass, ``trainer.state`` the checkpointed counters). Order matters at epoch
-ends only in that :class:`Validation` fills ``trainer.validation`` before :class:`Tracking` logs it and
-:class:`Checkpointing` reports it (:func:`callbacks_for` returns them in that order).
+A callback implements :class:`multitalent.train.loop.Callback` (``on_start``, ``on_step_start``,
+``on_step_end``, ``on_end``; :class:`CallbackBase` gives no-op defaults) and never changes the math.
+Callbacks do not know each other: they read the trainer (``trainer.cadence`` says when something is
+due, ``trainer.validation`` holds the latest validation pass, ``trainer.state`` the checkpointed
+counters). Order matters at epoch ends only in that :class:`Validation` fills ``trainer.validation``
+before :class:`Tracking` logs it and :class:`Checkpointing` reports it (:func:`callbacks_for` returns
+them in that order).
 
 Collective work (validation forward passes, checkpoint saving, Ray reports) runs on every rank at the
 same iterations; MLflow calls run on rank 0 only.
@@ -17,7 +18,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,14 +27,7 @@ from multitalent.train.checkpoint import RUN_ID_FILE
 if TYPE_CHECKING:
     from multitalent.tracking import Tracker
     from multitalent.train.job import TrainJob
-    from multitalent.train.loop import StepResult, Trainer
-
-
-class Callback(Protocol):
-    def on_start(self, trainer: Trainer) -> None: ...
-    def on_step_start(self, trainer: Trainer, iteration: int, batch: Any) -> None: ...
-    def on_step_end(self, trainer: Trainer, result: StepResult) -> None: ...
-    def on_end(self, trainer: Trainer) -> None: ...
+    from multitalent.train.loop import Callback, StepResult, Trainer
 
 
 class CallbackBase:

@@ -15,7 +15,6 @@ checkpoint never writes into the folder of a rejected one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -25,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from multitalent.shards import file_sha256
+
 STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "history.npz"
 WEIGHTS_FILE = "model.pt"
 DEEPSPEED_TAG = "deepspeed"
 RUN_ID_FILE = "mlflow_run_id"  # in the run directory: the MLflow run of this run directory
 _DIR_RE = re.compile(r"^ckpt-it(\d{9})-([0-9a-z]+)$")
-_HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -80,14 +80,6 @@ def parse_dir_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def manifest_name(rank: int) -> str:
     return f"rank-{rank}.sha256.json"
 
@@ -102,7 +94,7 @@ def write_rank_manifest(folder: Path, rank: int) -> Path:
         rel = path.relative_to(folder).as_posix()
         if re.fullmatch(r"rank-\d+\.sha256\.json", rel):
             continue
-        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     out = folder / manifest_name(rank)
     tmp = out.with_name(f".tmp-{out.name}")
     tmp.write_text(json.dumps({"rank": rank, "files": files}, indent=1, sort_keys=True))
@@ -140,7 +132,7 @@ def verify_checkpoint(folder: Path) -> TrainerState:
             size = path.stat().st_size
             if size != entry["bytes"]:
                 raise CheckpointError(f"{folder}: {rel} has {size} bytes, rank {rank} wrote {entry['bytes']}")
-            if sha256_file(path) != entry["sha256"]:
+            if file_sha256(path) != entry["sha256"]:
                 raise CheckpointError(f"{folder}: {rel} fails its SHA-256 check (rank {rank})")
             listed.add(rel)
     if STATE_FILE not in listed:

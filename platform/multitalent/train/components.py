@@ -95,6 +95,7 @@ def build_model(job: TrainJob, catalog: Catalog, spacing_zyx_mm: tuple[float, fl
         deep_supervision=a.deep_supervision,
         patch_size_zyx=a.patch_zyx,
         spacing_zyx_mm=spacing_zyx_mm,
+        gradient_checkpointing=a.checkpointing,
     )
 
 
@@ -127,6 +128,7 @@ def zarr_source(
         world_size=world_size,
         exponent=job.data.exponent,
         fg_fraction=job.data.fg_fraction,
+        fg_mode=job.data.fg_mode,
     )
 
 
@@ -154,6 +156,7 @@ def webdataset_source_factory(
             cases=setup.train_cases,
             exponent=job.data.exponent,
             fg_fraction=job.data.fg_fraction,
+            fg_mode=job.data.fg_mode,
             num_batches=job.schedule.iterations_per_epoch,
             shuffle_buffer=job.data.webdataset.shuffle_buffer,
             patches_per_case=job.data.webdataset.patches_per_case,
@@ -172,7 +175,6 @@ _DEEPSPEED_OWNERS = {
     "gradient_clipping": "optimiser.grad_clip",
     "zero_optimization.stage": "zero_stage",
     "bf16.enabled": "precision",
-    "steps_per_print": "tracking.log_every",
 }
 
 
@@ -323,7 +325,9 @@ def assemble(
         spacing_zyx_mm=spacing,
         model=model,
         optimizer=build_optimizer(model.parameters(), job.optimiser),
-        objective=MultiTalentObjective(catalog, n_levels=output_levels(model)),
+        objective=MultiTalentObjective(
+            catalog, n_levels=output_levels(model), dice=job.loss.dice, reduction=job.loss.reduction
+        ),
         schedule=PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent),
         augment=augment,
         deepspeed_config=ds_config,

@@ -28,9 +28,20 @@ class ShardsSection(StrictModel):
 
 class ArchitectureSection(StrictModel):
     arch: str = "resenc_unet"  # multitalent.models.available_architectures()
-    size: Literal["paper", "tiny"] = "paper"
+    # paper: the reference's topology; tiny: tests and CPU demos; planned (resenc_unet only): the
+    # topology planned from the patch, this platform's earlier ResEnc
+    size: Literal["paper", "tiny", "planned"] = "paper"
     patch_zyx: list[int] = Field(default_factory=lambda: [96, 192, 192])
     deep_supervision: bool = True
+    # SwinUNETR only (MONAI use_checkpoint): ~17.5 GiB instead of ~30 GB at the paper's batch on a GPU.
+    # Default: on for swin_unetr (the paper's setting), off otherwise.
+    gradient_checkpointing: bool | None = None
+
+    @property
+    def checkpointing(self) -> bool:
+        if self.gradient_checkpointing is None:
+            return self.arch == "swin_unetr"
+        return self.gradient_checkpointing
 
     @model_validator(mode="after")
     def _three_positive(self) -> ArchitectureSection:
@@ -40,7 +51,11 @@ class ArchitectureSection(StrictModel):
 
 
 class OptimiserSection(StrictModel):
-    """SGD with Nesterov momentum 0.99 (paper, CNNs) or AdamW (SwinUNETR)."""
+    """SGD with Nesterov momentum 0.99 (paper, CNNs) or AdamW (SwinUNETR).
+
+    ``name``, ``lr`` and ``eps`` left unset (or ``auto``) follow the architecture (the reference
+    trainers): SGD at 1e-2 for the CNNs; AdamW at 5e-4 with eps 1e-4 for ``swin_unetr``.
+    """
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=1e-2, gt=0)
@@ -48,6 +63,8 @@ class OptimiserSection(StrictModel):
     nesterov: bool = True  # sgd
     weight_decay: float = Field(default=3e-5, ge=0)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = Field(default=1e-8, gt=0)  # adamw
+    amsgrad: bool = False  # adamw
     grad_clip: float = Field(default=12.0, gt=0)  # global gradient norm (nnU-Net: 12)
 
     @model_validator(mode="after")
@@ -149,9 +166,24 @@ class WebDatasetSection(StrictModel):
     patches_per_case: float = Field(default=2.0, gt=0)  # mean patches taken per loaded case
 
 
+class LossSection(StrictModel):
+    """The partial-label loss (paper Eq. 2); docs/fidelity.md compares the readings.
+
+    ``dice``: ``batch`` (one Dice per class over the global batch, the paper) or ``sample`` (per
+    sample, then reduced); ``reduction``: ``mean`` (per-sample BCE / sample Dice averaged over the
+    annotated samples of each class) or ``sum`` (summed, the literal Eq. 2 and the reference code).
+    """
+
+    dice: Literal["batch", "sample"] = "batch"
+    reduction: Literal["mean", "sum"] = "mean"
+
+
 class DataSection(StrictModel):
     exponent: float = Field(default=0.5, ge=0)  # case weight n_dataset ** -exponent
     fg_fraction: float = Field(default=1 / 3, ge=0, le=1)
+    # coin: each patch foreground-centred with probability fg_fraction; fixed: nnU-Net v1's fixed count
+    # per global batch (the last round(B * fg_fraction) slots), so every batch has foreground
+    fg_mode: Literal["coin", "fixed"] = "coin"
     augmentation: AugmentationSection = AugmentationSection()
     webdataset: WebDatasetSection = WebDatasetSection()
     loader_workers: int = Field(default=4, ge=0)  # DataLoader processes per rank; 0 = in the rank
@@ -185,6 +217,7 @@ class TrainJob(StrictModel):
     shards: ShardsSection = ShardsSection()
     architecture: ArchitectureSection = ArchitectureSection()
     optimiser: OptimiserSection = OptimiserSection()
+    loss: LossSection = LossSection()
     schedule: ScheduleSection = ScheduleSection()
     batch: BatchSection = BatchSection()
     zero_stage: Literal[1, 2, 3] = 1
@@ -198,6 +231,28 @@ class TrainJob(StrictModel):
     nonfinite: NonFiniteSection = NonFiniteSection()
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # pass-through; derived keys are errors
     debug: DebugSection = DebugSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_defaults(cls, data: Any) -> Any:
+        """Optimiser settings left unset (absent, ``auto`` or null) follow the architecture, as in the
+        reference trainers: SGD at 1e-2 for the CNNs; AdamW at 5e-4 with eps 1e-4 for SwinUNETR."""
+        if not isinstance(data, dict):
+            return data
+        architecture = data.get("architecture")
+        arch = architecture.get("arch") if isinstance(architecture, dict) else None
+        opt = data.get("optimiser")
+        if opt is not None and not isinstance(opt, dict):
+            return data
+        opt = dict(opt or {})
+        swin = arch == "swin_unetr"
+        if opt.get("name") in (None, "auto"):
+            opt["name"] = "adamw" if swin else "sgd"
+        if opt.get("lr") in (None, "auto"):
+            opt["lr"] = 5e-4 if opt["name"] == "adamw" else 1e-2
+        if opt.get("eps") in (None, "auto"):
+            opt["eps"] = 1e-4 if swin else 1e-8
+        return {**data, "optimiser": opt}
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainJob:

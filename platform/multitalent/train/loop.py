@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,9 +44,6 @@ from multitalent.train.checkpoint import (
 from multitalent.train.job import TrainJob
 from multitalent.train.step import StepInputs
 
-if TYPE_CHECKING:
-    from multitalent.train.callbacks import Callback
-
 STOP_NONFINITE = "nonfinite"
 
 
@@ -63,6 +60,15 @@ class StepResult:
     lr: float
     skipped: bool
     seconds: float
+
+
+class Callback(Protocol):
+    """What :meth:`Trainer.fit` calls around each step (:mod:`multitalent.train.callbacks`)."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+    def on_step_start(self, trainer: Trainer, iteration: int, batch: Any) -> None: ...
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None: ...
+    def on_end(self, trainer: Trainer) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -31,17 +31,30 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from multitalent.metric_names import metric_key
 
 if TYPE_CHECKING:
     from multitalent.catalog import Catalog
-    from multitalent.train.launch import TrainResult
 
 PROGRESS_FILE = "progress.jsonl"
 Record = dict[str, Any]
 OnProgress = Callable[[Record], None]
+
+
+class TrainResult(Protocol):
+    """What the result printers read of :class:`multitalent.train.launch.TrainResult` (a protocol, so
+    this module does not import the launcher that imports it)."""
+
+    iterations: int
+    optimizer_steps: int
+    skipped_nonfinite: int
+    checkpoint: Path | None
+    tracking_uri: str
+    mlflow_run_id: str | None
+    validation: dict[str, float]
+    validation_iteration: int | None
 
 
 class ProgressTail:

@@ -66,4 +66,11 @@ def build_optimizer(params: Iterable[Any], config: OptimiserSection) -> torch.op
             weight_decay=config.weight_decay,
         )
     beta1, beta2 = config.betas
-    return torch.optim.AdamW(params, lr=config.lr, betas=(beta1, beta2), weight_decay=config.weight_decay)
+    return torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        betas=(beta1, beta2),
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        amsgrad=config.amsgrad,
+    )

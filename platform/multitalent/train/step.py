@@ -39,12 +39,17 @@ class MultiTalentObjective(nn.Module):
     """Targets from raw labels (a gather through the catalog's region table), deep supervision,
     and the partial-label loss. ``forward(net, inputs, reduce=None) -> (loss, metrics)``."""
 
-    def __init__(self, catalog: Catalog, *, n_levels: int, dice: str = "batch") -> None:
+    def __init__(
+        self, catalog: Catalog, *, n_levels: int, dice: str = "batch", reduction: str = "mean"
+    ) -> None:
+        """``dice`` (``batch``/``sample``) and ``reduction`` (``mean``/``sum``): see
+        :class:`~multitalent.losses.PartialLabelLoss` for the three readings of the paper's Eq. 2."""
         super().__init__()
         self.region_lut: Tensor
         self.register_buffer("region_lut", torch.as_tensor(catalog.region_lut()), persistent=False)
         weights = deep_supervision_weights(n_levels) if n_levels > 1 else [1.0]
-        self.loss = DeepSupervisionLoss(PartialLabelLoss(dice=dice), weights)  # type: ignore[arg-type]
+        loss = PartialLabelLoss(dice=dice, reduction=reduction)  # type: ignore[arg-type]
+        self.loss = DeepSupervisionLoss(loss, weights)
 
     def forward(
         self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
