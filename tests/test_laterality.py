@@ -3,6 +3,7 @@ mirror test-time augmentation that keeps laterality."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 
@@ -334,3 +335,25 @@ def test_unmirror_outputs_checks_its_inputs():
         unmirror_outputs(out, mirrored_zyx=(True,), swap_k=None)
     with pytest.raises(ValueError, match=r"must be \(B, K, Z, Y, X\)"):
         unmirror_outputs(out[0], mirrored_zyx=(False, False, True), swap_k=None)
+
+
+def test_the_training_paths_pass_the_datasets_to_the_swap():
+    """Both places that augment (the step on the device, the loader via ``AugmentPlan.apply``)."""
+    from multitalent.data.batch import Batch
+    from multitalent.train.batches import AugmentPlan
+    from multitalent.train.step import StepInputs, augment_inputs
+
+    cat, image, label, didx = _phantom_batch(2)
+    lut, swap_k = torch.as_tensor(cat.region_lut()), torch.as_tensor(lateral_swap(cat))
+    always_x = dataclasses.replace(identity_config(), p_mirror_zyx=(0.0, 0.0, 1.0))
+    expected = targets_from_labels(label, didx, lut).flip(X)[:, swap_k]
+    annotated = torch.as_tensor(cat.annotated_mask())[didx]
+    inputs = StepInputs(image, label, didx, annotated)
+    config = laterality_config(always_x, "swap", cat)
+    out = augment_inputs(inputs, config=config, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(targets_from_labels(out.label_bzyx, didx, lut), expected)
+    kw = {"config": always_x, "laterality": "swap", "catalog": cat}
+    plan = AugmentPlan.make(enabled=True, where="loader", patch_zyx=image.shape[2:], **kw)
+    batch = Batch(image, label, didx, annotated, ["a", "b", "c"])
+    batch = plan.apply(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(targets_from_labels(batch.label_bzyx, didx, lut), expected)
