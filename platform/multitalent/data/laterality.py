@@ -15,9 +15,18 @@ The job setting ``data.augmentation.laterality`` chooses one of :data:`LATERALIT
 - ``naive``: mirror along x and keep the labels (nnU-Net's and the MultiTalent reference's
   behaviour): a mirrored left kidney is still called "left kidney" on the right side.
 
+``swap`` and ``naive`` break different cues. A network sees a patch, not its absolute position: it
+tells left from right by anatomy (the liver is beside the right kidney) and by position within the
+body (the body wall on one side). ``naive`` keeps labels with the organ (anatomy consistent,
+position contradicted in mirrored samples); ``swap`` keeps labels with the side (position consistent,
+but a mirrored sample is a situs-inversus body that test data never shows); ``off`` keeps both.
+Which matters more is empirical (``bench/bench_laterality.py``, docs/results.md).
+
 For test-time augmentation, :func:`unmirror_outputs` maps the per-class outputs of a mirrored input
 back to the input's frame (flip, then swap the paired channels); averaging it over mirror
-combinations is mirror TTA with laterality kept.
+combinations is mirror TTA with laterality kept. Match the training mode: ``swap`` -> x-mirror TTA
+with the swap; ``naive`` -> x-mirror TTA without it (nnU-Net's TTA; the net follows the organ);
+``off`` -> no x-mirroring at test time (the net never saw a mirrored body).
 """
 
 from __future__ import annotations
