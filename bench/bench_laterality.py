@@ -7,7 +7,8 @@ cores); the script then reads each run's final validation Dice from its MLflow s
 (``runs/<name>/mlflow.db``, read-only sqlite) and reports, per run and per mode (mean over seeds):
 
 - every lateral pair class of the catalog (phantom: P04 left/right kidney, P05 left/right lung),
-- the mean over paired classes and over unpaired classes (classes validated in every run only).
+- the mean over paired classes and over unpaired classes, each over the classes every run validated
+  (validation patches are drawn from the seed: a class in no patch of a seed has no Dice there).
 
 The issue's protocol is ``jobs/demo_cpu.yaml`` for 2,000 iterations (50 epochs of 40), about 20 min
 a run on 2 cores; ``--iterations`` sets the budget (``schedule.epochs = iterations / 40``), and
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform as pyplatform
 import sqlite3
@@ -104,10 +106,17 @@ def final(history: dict[int, float]) -> float:
     return history[max(history)]
 
 
+def _mean(values: list[float]) -> float:
+    """Mean of the runs that scored the class (a class in no validation patch of a seed has no Dice)."""
+    scored = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(scored) if scored else float("nan")
+
+
 def summarise(results: list[dict[str, Any]], paired: list[str], unpaired: list[str]) -> dict[str, Any]:
     # Unpaired classes count only where every run validated them (a class absent from every
     # validation patch has no Dice).
     common = [k for k in unpaired if all(k in r["dice"] for r in results)]
+    common_paired = [k for k in paired if all(k in r["dice"] for r in results)]
     rows = []
     for r in results:
         dice = {k: final(r["dice"][k]) for k in paired + common if k in r["dice"]}
@@ -117,7 +126,7 @@ def summarise(results: list[dict[str, Any]], paired: list[str], unpaired: list[s
                 "seed": r["seed"],
                 "wall_s": r.get("wall_s"),
                 "paired": {k: dice.get(k, float("nan")) for k in paired},
-                "paired_mean": statistics.fmean(dice[k] for k in paired if k in dice),
+                "paired_mean": statistics.fmean(dice[k] for k in common_paired),
                 "unpaired_mean": statistics.fmean(dice[k] for k in common),
                 "history": {k: r["dice"][k] for k in paired if k in r["dice"]},
             }
@@ -129,12 +138,12 @@ def summarise(results: list[dict[str, Any]], paired: list[str], unpaired: list[s
             {
                 "mode": mode,
                 "seeds": [r["seed"] for r in mine],
-                "paired": {k: statistics.fmean(r["paired"][k] for r in mine) for k in paired},
+                "paired": {k: _mean([r["paired"][k] for r in mine]) for k in paired},
                 "paired_mean": statistics.fmean(r["paired_mean"] for r in mine),
                 "unpaired_mean": statistics.fmean(r["unpaired_mean"] for r in mine),
             }
         )
-    return {"runs": rows, "modes": modes, "unpaired_classes": common}
+    return {"runs": rows, "modes": modes, "paired_classes": common_paired, "unpaired_classes": common}
 
 
 def table(summary: dict[str, Any], paired: list[str]) -> str:
