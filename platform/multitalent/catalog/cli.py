@@ -38,10 +38,23 @@ def run(args: argparse.Namespace) -> int:
         kind = "region " if len(c.raw_values) > 1 else ""
         name = clip(c.name, 34)
         print(f"{c.index:4d}  {c.dataset_id:>{w}s}  {name:34s} {kind + raw:14s} {','.join(c.groups)}")
+    pairs = [(d.id, p) for d in cat.datasets for p in d.lateral_pairs]
+    sided = [(d.id, c) for d in cat.datasets for c in d.sided]
+    if pairs or sided:
+        print()
+        if pairs:
+            print("lateral pairs (swapped when a sample is mirrored left-right):")
+        for dataset_id, (left, right) in pairs:
+            print(f"  {dataset_id:>{w}s}  {left} <-> {right}")
+        if sided:
+            print("sided classes without a counterpart (their datasets are not mirrored left-right):")
+            for dataset_id, name in sided:
+                print(f"  {dataset_id:>{w}s}  {name}")
     print()
     print(
         f"{len(cat.datasets)} datasets, {cat.num_classes} classes, "
         f"{sum(len(c.raw_values) > 1 for c in cat.classes)} regions, "
         + ", ".join(f"{len(cat.group_members(g))} {g}" for g in ("difficult", "cancer"))
+        + f", {len(pairs)} lateral pairs"
     )
     return 0

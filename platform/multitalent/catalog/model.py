@@ -5,6 +5,11 @@ set of those raw values (a *region* when it has more than one, e.g. liver = {liv
 Every (dataset, class) pair is one global output class with its own sigmoid head; global classes
 are numbered in dataset order, then class order, so appending a dataset never renumbers the
 classes that were there before.
+
+A dataset may declare *lateral pairs* (its left and right class of one structure) and *sided*
+classes (a side but no counterpart, e.g. TotalSegmentator's lung lobes); mirroring along the
+left-right axis uses them (:mod:`multitalent.catalog.laterality`). They do not change the output
+channels, so they are not part of the label-space hash.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class DatasetSpec:
     num_cases: int = 0
     location: str = ""
     modality: str = "CT"
+    lateral_pairs: tuple[tuple[str, str], ...] = ()  # (left class, right class), class names
+    sided: tuple[str, ...] = ()  # classes with a side and no counterpart in this dataset
 
     def __post_init__(self) -> None:
         where = f"dataset {self.id!r}"
@@ -74,12 +81,20 @@ class DatasetSpec:
             bad_groups = sorted(set(c.groups) - set(GROUPS))
             if bad_groups:
                 raise CatalogError(f"{where}, class {c.name!r}: unknown groups {bad_groups}")
+        from multitalent.catalog.laterality import check_laterality
+
+        check_laterality(self)
 
     @property
     def max_raw_value(self) -> int:
         return max(self.labels)
 
     def to_dict(self) -> dict[str, Any]:
+        lateral: dict[str, Any] = {}
+        if self.lateral_pairs:
+            lateral["lateral_pairs"] = [list(p) for p in self.lateral_pairs]
+        if self.sided:
+            lateral["sided"] = list(self.sided)
         return {
             "id": self.id,
             "name": self.name,
@@ -92,6 +107,7 @@ class DatasetSpec:
                 {"name": c.name, "raw_values": list(c.raw_values), "groups": list(c.groups)}
                 for c in self.classes
             ],
+            **lateral,
         }
 
     @classmethod
@@ -121,9 +137,19 @@ class DatasetSpec:
                 num_cases=int(d.get("num_cases", 0)),
                 location=str(d.get("location", "")),
                 modality=str(d.get("modality", "CT")),
+                lateral_pairs=tuple(_pair(d.get("id", "?"), p) for p in d.get("lateral_pairs", ())),
+                sided=tuple(str(c) for c in d.get("sided", ())),
             )
         except KeyError as e:
             raise CatalogError(f"dataset {d.get('id', '?')!r}: missing field {e.args[0]!r}") from None
+
+
+def _pair(dataset_id: Any, pair: Any) -> tuple[str, str]:
+    if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+        raise CatalogError(
+            f"dataset {dataset_id!r}: lateral pair {pair!r} must be two class names [left, right]"
+        )
+    return (str(pair[0]), str(pair[1]))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ draw, one blur sigma, cubic low-resolution upsampling; docs/fidelity.md lists wh
    the centre of the (larger) input patch; mirroring on each axis with p 0.5 is folded into the same
    affine (nnU-Net mirrors last; every intensity transform here is mirror-equivariant, so the
    distribution is the same). Image trilinear, labels nearest; outside the input: image 0, label 0.
+   With ``config.mirror_swap`` (``laterality: swap``), a sample mirrored along x (the left-right axis)
+   gets its lateral pairs' raw label values swapped, and samples of datasets with sided classes are
+   not mirrored along x (:mod:`multitalent.data.laterality`).
    Rotated samples share one ``grid_sample`` call; scaled-only samples use the equivalent separable
    1-D interpolation (much cheaper); the others are cropped and flipped, never resampled (exact).
 2. Gaussian noise, p 0.1, std ~ U(0, 0.1) shared by the channels (nnU-Net calls it "variance" but uses
@@ -229,6 +232,7 @@ def augment_batch(
     generator: torch.Generator,
     out_shape_zyx: tuple[int, int, int] | None = None,
     params: AugmentParams | None = None,
+    dataset_idx_b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch; returns new tensors ``(image_bczyx, label_bzyx)`` on the input's device.
 
@@ -241,15 +245,28 @@ def augment_batch(
         out_shape_zyx: output patch size, at most the input's; the centre of the input is sampled
             (the loader reads a larger patch, see :func:`read_shape_zyx`). Default: the input shape.
         params: force these parameters instead of drawing them (``generator`` is then unused).
+        dataset_idx_b: (B,) index of each sample's dataset in the catalog; required when
+            ``config.mirror_swap`` is set (the raw values to swap depend on the dataset).
 
     Raises:
-        ValueError: wrong dtypes, shapes, or an out_shape larger than the input.
+        ValueError: wrong dtypes, shapes, an out_shape larger than the input, or ``mirror_swap``
+            without ``dataset_idx_b``.
     """
     if params is None:
         params = sample_params(
             config, int(image_bczyx.shape[0]), generator, n_channels=int(image_bczyx.shape[1])
         )
-    return apply_params(image_bczyx, label_bzyx, params, out_shape_zyx=out_shape_zyx)
+    swap = config.mirror_swap
+    if swap is None:
+        return apply_params(image_bczyx, label_bzyx, params, out_shape_zyx=out_shape_zyx)
+    if dataset_idx_b is None or tuple(dataset_idx_b.shape) != (image_bczyx.shape[0],):
+        raise ValueError(
+            "augment: config.mirror_swap (laterality: swap) needs dataset_idx_b, the (B,) dataset index "
+            f"of each sample; got {None if dataset_idx_b is None else tuple(dataset_idx_b.shape)}"
+        )
+    params = swap.restrict(params, dataset_idx_b)
+    image, label = apply_params(image_bczyx, label_bzyx, params, out_shape_zyx=out_shape_zyx)
+    return image, swap.swap_labels(label, dataset_idx_b, params.mirror_b3[:, 2])
 
 
 def _check_inputs(image_bczyx: torch.Tensor, label_bzyx: torch.Tensor) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from multitalent.data.laterality import MirrorSwap
+
 Range = tuple[float, float]
 
 
@@ -40,10 +42,15 @@ class AugmentConfig:
     p_gamma_inverted: float = 0.1
     p_gamma: float = 0.3
     gamma: Range = (0.7, 1.5)
+    # Laterality (``data.augmentation.laterality: swap``): swap lateral pairs in samples mirrored along
+    # x; None keeps the labels. Built from the catalog (multitalent.data.laterality), not a job setting.
+    mirror_swap: MirrorSwap | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "mirror_swap":
+                continue
             if f.name == "p_mirror_zyx":
                 if len(value) != 3 or not all(0.0 <= p <= 1.0 for p in value):
                     raise ValueError(

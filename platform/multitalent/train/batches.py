@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx
 from multitalent.data.batch import Batch, collate
+from multitalent.data.laterality import laterality_config
+
+if TYPE_CHECKING:
+    from multitalent.catalog import Catalog
 
 _AUGMENT_STREAM = 1  # distinguishes the augmentation seed from the data streams of the same step
 
@@ -36,23 +40,34 @@ def step_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
 class AugmentPlan:
     """Augmentation of the batches: ``config`` None = off; ``read_zyx`` is the patch the loader reads
     (larger than ``patch_zyx`` so rotations rarely pull in padding); ``in_loader`` = applied in the
-    loader (CPU) rather than in the step on the training device."""
+    loader (CPU) rather than in the step on the training device; ``laterality`` = what mirroring along
+    x (left-right) does, one of :data:`multitalent.data.laterality.LATERALITY_MODES`, already folded
+    into ``config`` (``p_mirror_zyx`` and ``mirror_swap``)."""
 
     config: AugmentConfig | None
     patch_zyx: tuple[int, int, int]
     read_zyx: tuple[int, int, int]
     in_loader: bool
+    laterality: str = "naive"
 
     @classmethod
     def make(
-        cls, *, enabled: bool, where: str, patch_zyx: Sequence[int], config: AugmentConfig | None = None
+        cls,
+        *,
+        enabled: bool,
+        where: str,
+        patch_zyx: Sequence[int],
+        config: AugmentConfig | None = None,
+        laterality: str = "naive",
+        catalog: Catalog | None = None,
     ) -> AugmentPlan:
-        """``config`` defaults to :class:`AugmentConfig`'s defaults."""
+        """``config`` defaults to :class:`AugmentConfig`'s defaults; ``laterality: swap`` needs the
+        ``catalog`` (its lateral pairs)."""
         z, y, x = (int(p) for p in patch_zyx)
         if not enabled:
-            return cls(None, (z, y, x), (z, y, x), False)
-        config = config or AugmentConfig()
-        return cls(config, (z, y, x), read_shape_zyx((z, y, x), config), where == "loader")
+            return cls(None, (z, y, x), (z, y, x), False, laterality)
+        config = laterality_config(config or AugmentConfig(), laterality, catalog)
+        return cls(config, (z, y, x), read_shape_zyx((z, y, x), config), where == "loader", laterality)
 
     def apply(self, batch: Batch, generator: torch.Generator) -> Batch:
         if self.config is None:
@@ -63,6 +78,7 @@ class AugmentPlan:
             config=self.config,
             generator=generator,
             out_shape_zyx=self.patch_zyx,
+            dataset_idx_b=batch.dataset_idx_b,
         )
         return Batch(image, label, batch.dataset_idx_b, batch.annotated_bk, batch.keys)
 

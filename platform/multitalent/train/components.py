@@ -215,12 +215,21 @@ def worker_group(job: TrainJob) -> WorkerGroup:
     )
 
 
-def augment_plan(job: TrainJob) -> AugmentPlan:
+def augment_plan(job: TrainJob, catalog: Catalog | None = None) -> AugmentPlan:
+    """The job's augmentation; ``laterality: swap`` reads the lateral pairs of ``catalog`` (default:
+    the job's catalog)."""
     from multitalent.train.batches import AugmentPlan
 
     a = job.data.augmentation
+    if a.enabled and a.laterality == "swap" and catalog is None:
+        catalog = load_catalog(job.catalog)
     return AugmentPlan.make(
-        enabled=a.enabled, where=a.where, patch_zyx=job.architecture.patch_zyx, config=a.config()
+        enabled=a.enabled,
+        where=a.where,
+        patch_zyx=job.architecture.patch_zyx,
+        config=a.config(),
+        laterality=a.laterality,
+        catalog=catalog,
     )
 
 
@@ -317,7 +326,7 @@ def assemble(
     torch.manual_seed(job.run.seed)
     model = build_model(job, catalog, spacing)
     s = job.schedule
-    augment = augment_plan(job)
+    augment = augment_plan(job, catalog)
     parts = RunParts(
         job=job,
         catalog=catalog,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from multitalent.jobs import StrictModel, load_job
 
@@ -126,17 +126,32 @@ def _augment_defaults() -> dict[str, Any]:
 
     from multitalent.data.augment import AugmentConfig
 
-    return asdict(AugmentConfig())
+    known = asdict(AugmentConfig())
+    known.pop("mirror_swap")  # built from the catalog (laterality: swap), not set by hand
+    return known
 
 
 class AugmentationSection(StrictModel):
     """Batched augmentation (nnU-Net's moreDA). ``settings`` overrides named fields of
     :class:`multitalent.data.augment.AugmentConfig` (probabilities ``p_*`` and ``(low, high)`` ranges),
-    e.g. ``settings: {p_mirror_zyx: [0.5, 0.5, 0.0], p_rotation: 0.3}``; unset fields keep its defaults."""
+    e.g. ``settings: {p_mirror_zyx: [0.5, 0.5, 0.0], p_rotation: 0.3}``; unset fields keep its defaults.
+
+    ``laterality`` says what mirroring along x (left-right) does to lateral pairs (left/right classes
+    the catalog declares, :mod:`multitalent.data.laterality`): ``swap`` swaps their targets in mirrored
+    samples so "left kidney" stays the anatomically left one (datasets with sided, unpaired classes are
+    not mirrored along x); ``off`` never mirrors along x (TotalSegmentator); ``naive`` mirrors and keeps
+    the labels (nnU-Net, the MultiTalent reference)."""
 
     enabled: bool = True
     where: Literal["device", "loader"] = "device"  # device: in the step on the GPU; loader: CPU
+    laterality: Literal["swap", "off", "naive"] = "swap"
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("laterality", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `off` as false: `laterality: off` must still mean "off".
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _known_settings(self) -> AugmentationSection:
@@ -148,7 +163,12 @@ class AugmentationSection(StrictModel):
                 close = get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
                 raise ValueError(f"settings.{key}: not an augmentation setting{hint}")
-        self.config()  # range/probability checks of AugmentConfig
+        config = self.config()  # range/probability checks of AugmentConfig
+        if self.laterality == "off" and "p_mirror_zyx" in self.settings and config.p_mirror_zyx[2] > 0:
+            raise ValueError(
+                "laterality: off never mirrors along x, but settings.p_mirror_zyx = "
+                f"{list(config.p_mirror_zyx)} asks for it; set its x entry to 0 or choose swap or naive"
+            )
         return self
 
     def config(self) -> Any:

@@ -73,6 +73,11 @@ def augment_inputs(
 ) -> StepInputs:
     """Augment on the inputs' device (GPU inside the step, or CPU in the loader)."""
     image, label = augment_batch(
-        inputs.image_bczyx, inputs.label_bzyx, config=config, generator=generator, out_shape_zyx=out_shape_zyx
+        inputs.image_bczyx,
+        inputs.label_bzyx,
+        config=config,
+        generator=generator,
+        out_shape_zyx=out_shape_zyx,
+        dataset_idx_b=inputs.dataset_idx_b,
     )
     return StepInputs(image, label, inputs.dataset_idx_b, inputs.annotated_bk)
