@@ -350,6 +350,8 @@ def test_gzip_read_in_memory_equals_nibabel_for_multi_member_files(tmp_path: Pat
     assert _load_fast(two) is not None  # the in-memory path, not nibabel's fallback
     array, got_affine = read_volume(two, what="mask")
     assert np.array_equal(array, data) and np.allclose(got_affine, affine)
+    view, _ = read_volume(two, what="mask", writeable=False)  # no copy of the decompressed voxels
+    assert np.array_equal(view, data) and not view.flags.writeable and array.flags.writeable
     truncated = tmp_path / "cut.nii.gz"
     truncated.write_bytes(gzip.compress(raw)[:-40])
     with pytest.raises(CaseError, match="truncated"):

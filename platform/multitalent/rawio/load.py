@@ -167,7 +167,7 @@ def _structure_label_map(
     # Ascending raw value, so where masks overlap the structure with the larger value wins.
     for name in sorted(structures, key=lambda n: value_of[n]):
         path = structures[name]
-        mask, affine = read_volume(path, what=f"mask {name!r}")
+        mask, affine = read_volume(path, what=f"mask {name!r}", writeable=False)
         _check_geometry(
             path,
             shape=mask.shape,

@@ -59,6 +59,22 @@ def _gunzip(data: bytes) -> bytes:
 
 
 def _load_fast(path: Path) -> object | None:
+    loaded = _load_fast_raw(path)
+    return None if loaded is None else loaded[0]
+
+
+def _unscaled_view(img: Any, raw: bytes, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The voxels as a read-only view of the decompressed bytes, when the header asks for no scaling."""
+    proxy = img.dataobj  # nibabel's ArrayProxy: where and how the voxels sit in the file
+    if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0 or getattr(proxy, "order", "F") != "F":
+        return None
+    dtype, offset, count = np.dtype(proxy.dtype), int(proxy.offset), int(np.prod(shape))
+    if offset + count * dtype.itemsize > len(raw):
+        return None  # truncated: nibabel's path names the fault
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+
+
+def _load_fast_raw(path: Path) -> tuple[Any, bytes] | None:
     """The image decompressed in one go from memory (gzip) or ``None`` to take nibabel's own path.
 
     nibabel streams ``.nii.gz`` through Python's ``gzip`` module, which dominates reading the
@@ -75,17 +91,21 @@ def _load_fast(path: Path) -> object | None:
             return None
         sizeof_hdr = int.from_bytes(raw[:4], "little")
         klass = nib.Nifti2Image if sizeof_hdr in (540, 469893120) else nib.Nifti1Image
-        return klass.from_bytes(raw)
+        return klass.from_bytes(raw), raw
     except Exception:
         return None
 
 
-def read_volume(path: Path, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+def read_volume(
+    path: Path, *, what: str = "image", writeable: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3-D NIfTI volume eagerly.
 
     Returns ``(array_ijk, affine)``: the voxel array in stored order with the header's scaling
     applied (dtype as nibabel gives it) and the 4x4 float64 affine. A 4th or higher axis is
-    squeezed only when all trailing axes are singleton.
+    squeezed only when all trailing axes are singleton. With ``writeable=False`` an unscaled
+    ``.nii.gz`` comes back as a read-only view of its decompressed bytes (no copy; the
+    TotalSegmentator masks are read this way).
 
     Raises:
         CaseError: missing file, not NIfTI, truncated/corrupt data, or not 3-D. ``what`` names the
@@ -98,7 +118,8 @@ def read_volume(path: Path, *, what: str = "image") -> tuple[np.ndarray, np.ndar
     path = Path(path)
     if not path.is_file():
         raise CaseError(path, f"missing {what} file")
-    img: Any = _load_fast(path)
+    fast = _load_fast_raw(path)
+    img: Any = None if fast is None else fast[0]
     if img is None:
         try:
             img = nib.load(path)
@@ -116,6 +137,10 @@ def read_volume(path: Path, *, what: str = "image") -> tuple[np.ndarray, np.ndar
             f"{len(shape)}-D {what} of shape {shape}; expected 3-D "
             "(only singleton axes after the third are accepted)",
         )
+    if fast is not None and not writeable:
+        view = _unscaled_view(img, fast[1], shape)
+        if view is not None:
+            return view.reshape(shape[:3], order="F"), np.asarray(img.affine, dtype=np.float64)
     try:
         array = np.asarray(img.dataobj)
     except (EOFError, OSError, zlib.error, ValueError) as e:
