@@ -59,7 +59,8 @@ def window_slices(shape_zyx: Sequence[int], patch_zyx: Sequence[int], step: floa
     """Every window of a (padded) volume, z slowest, as ``(slice_z, slice_y, slice_x)``."""
     per_axis = [window_starts(int(n), int(p), step) for n, p in zip(shape_zyx, patch_zyx)]
     return [
-        tuple(slice(s, s + int(p)) for s, p in zip(starts, patch_zyx)) for starts in itertools.product(*per_axis)
+        tuple(slice(s, s + int(p)) for s, p in zip(starts, patch_zyx))
+        for starts in itertools.product(*per_axis)
     ]
 
 
