@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,13 @@ class Predictor:
         return self.model.catalog
 
     def predict(
-        self, image: np.ndarray, affine: np.ndarray, *, classes: Sequence[GlobalClass], name: str = "case"
+        self,
+        image: np.ndarray,
+        affine: np.ndarray,
+        *,
+        classes: Sequence[GlobalClass],
+        name: str = "case",
+        progress: Callable[[int, int], None] | None = None,
     ) -> CasePrediction:
         """Probabilities of ``classes`` for a stored ``(i, j, k)`` image and its affine."""
         import torch
@@ -179,7 +185,7 @@ class Predictor:
             lr_permutation=self.lr_permutation,
             channels=[c.index for c in classes],
         )
-        probs = sliding_window(predict, x, settings)
+        probs = sliding_window(predict, x, settings, progress=progress)
         return CasePrediction(probs, list(classes), geometry, warnings, time.perf_counter() - t0)
 
     def predict_file(
@@ -189,6 +195,7 @@ class Predictor:
         *,
         classes: Sequence[GlobalClass],
         masks: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """Predict ``image_path`` and write its outputs into ``out_dir``; returns the case's record.
 

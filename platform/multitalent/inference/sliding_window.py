@@ -208,6 +208,8 @@ def sliding_window(
     predict: Callable[[torch.Tensor], torch.Tensor] | Network,
     image_czyx: torch.Tensor,
     settings: SlidingWindowSettings,
+    *,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Stitch ``predict`` over windows of ``image_czyx``: ``(K, z, y, x)`` of the input's spatial shape.
 
@@ -217,6 +219,7 @@ def sliding_window(
         image_czyx: the normalised preprocessed image ``(C, z, y, x)``, on the device the network
             runs on.
         settings: patch, step, Gaussian, batch, padding, precision and output placement.
+        progress: called with ``(windows done, windows in all)`` after each batch.
 
     Returns:
         The Gaussian-weighted mean prediction, ``settings.accumulate_dtype`` on ``out_device``.
@@ -237,6 +240,7 @@ def sliding_window(
     gauss = gaussian_importance_map(patch, sigma_scale=settings.sigma_scale, device=out_device)
     weights = torch.zeros(padded, dtype=torch.float32, device=out_device)
     out: torch.Tensor | None = None
+    done = 0
     for batch in _batches(windows, settings.batch_size):
         xb = torch.stack([x[(slice(None), *w)] for w in batch])
         with _autocast(device, settings.precision):
@@ -248,6 +252,9 @@ def sliding_window(
             region = out[(slice(None), *w)]
             region += (y * gauss).to(settings.accumulate_dtype)
             weights[w] += gauss
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(windows))
     assert out is not None
     crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
     out = out[(slice(None), *crop)]
