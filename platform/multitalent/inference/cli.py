@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from multitalent.jobs import JobError
+from multitalent.preprocess.plan import PLAN_FILE
 
-ARTIFACT_FILES = ("model.json", "plan.json", "label_space.json")
+ARTIFACT_FILES = ("model.json", PLAN_FILE, "label_space.json")
 
 
 class ModelNotFound(RuntimeError):
@@ -44,7 +45,7 @@ def resolve_run(path: Path) -> Any:
     """:class:`~multitalent.inference.model.ModelFiles` of a training run folder (or one checkpoint)."""
     from multitalent.catalog import Catalog
     from multitalent.inference.model import ModelFiles, file_sha256, network_arguments, read_json
-    from multitalent.preprocess import PLAN_FILE, Plan
+    from multitalent.preprocess import Plan
     from multitalent.train.checkpoint import (
         RUN_ID_FILE,
         WEIGHTS_FILE,
