@@ -250,7 +250,10 @@ def sliding_window(
             out = torch.zeros((yb.shape[1], *padded), dtype=settings.accumulate_dtype, device=out_device)
         for y, w in zip(yb, batch):
             region = out[(slice(None), *w)]
-            region += (y * gauss).to(settings.accumulate_dtype)
+            if region.dtype == torch.float32:
+                region.addcmul_(y, gauss)  # no temporary
+            else:
+                region += (y * gauss).to(region.dtype)
             weights[w] += gauss
         done += len(batch)
         if progress is not None:
