@@ -21,7 +21,8 @@ import pytest
 from multitalent.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# training 100 iterations on 2 shared cores can outlast the suite-wide 600 s timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 LUNG_DICE_FLOOR = 0.25
 

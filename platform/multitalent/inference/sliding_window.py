@@ -262,8 +262,11 @@ def sliding_window(
     crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
     out = out[(slice(None), *crop)]
     w_crop = weights[crop]
-    # divide in chunks of channels so that no float32 copy of the whole output is made
-    for k0 in range(0, out.shape[0], 16):
-        chunk = out[k0 : k0 + 16]
-        chunk.copy_((chunk.float() / w_crop).to(settings.accumulate_dtype))
+    # half-precision outputs are divided in chunks of channels: no float32 copy of the whole output
+    if out.dtype == torch.float32:
+        out.div_(w_crop)
+    else:
+        for k0 in range(0, out.shape[0], 16):
+            chunk = out[k0 : k0 + 16]
+            chunk.copy_((chunk.float() / w_crop).to(out.dtype))
     return out.contiguous() if any(a or b for a, b in pads) else out
