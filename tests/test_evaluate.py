@@ -184,3 +184,16 @@ def test_evaluate_folder_restricted_to_cases_and_errors(tmp_path, raw_phantom):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine), folder / "P02.nii.gz")
     report = evaluate_folder(tmp_path, raw_phantom, catalog, cases={("P02", raw.case_id)})
     assert not report.scores and "shape" in report.errors[0]
+
+
+def test_evaluate_job_file_loads_and_checks_fold_with_splits():
+    from pathlib import Path
+
+    from multitalent.evaluation.job import EvaluateJob
+    from multitalent.jobs import JobError, load_job
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.yaml"
+    job = load_job(path, EvaluateJob)
+    assert job.kind == "evaluate" and job.splits is None
+    with pytest.raises(JobError, match="splits and fold go together"):
+        load_job(path, EvaluateJob, ["fold=1"])
