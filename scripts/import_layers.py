@@ -58,7 +58,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         ("distributed", "raycluster"),
         "Ray and DeepSpeed plumbing from plain settings; never the application's job object",
     ),
-    ("applications", ("train", "convert"), "assemble the layers below into jobs; independent of each other"),
+    (
+        "applications",
+        ("train", "convert", "inference"),
+        "assemble the layers below into jobs (train, convert, predict); independent of each other",
+    ),
     (
         "test data",
         ("synth",),

@@ -108,6 +108,40 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--input", help="a NIfTI scan or a folder of them")
+    p.add_argument("-o", "--out", help="output folder: OUT/<case>/<dataset>.nii.gz, predictions.json")
+    p.add_argument("--model", help="a training run folder (newest verified checkpoint) or a model package")
+    p.add_argument(
+        "--datasets", nargs="+", metavar="ID", help="predict these datasets' classes (default all)"
+    )
+    p.add_argument("--classes", nargs="+", metavar="CLASS", help="or these classes ('<dataset>:<class>')")
+    p.add_argument("--masks", action="store_true", help="also write one binary mask per class")
+    p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation (8x faster)")
+    p.add_argument("--step", type=float, default=None, help="window step, fraction of the patch (0.5)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="allow OUT holding another model's predictions")
+    p.add_argument("--job", help="a predict job (jobs/predict.yaml): cohorts on Ray; flags override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", help="predict's output folder")
+    p.add_argument("--gt", help="raw data root (the catalog's dataset folders)")
+    p.add_argument("--catalog", help="catalog preset or file (default: the model's, from predictions.json)")
+    p.add_argument("--datasets", nargs="+", metavar="ID", help="evaluate only these datasets")
+    p.add_argument(
+        "--splits", help="splits.json of a converted collection: evaluate one fold's validation cases"
+    )
+    p.add_argument("--fold", type=int, default=None, help="the fold of --splits")
+    p.add_argument("--out", help="where to write evaluation.csv/.md/.json (default: PRED)")
+    p.add_argument("--mlflow", metavar="RUN_ID", help="log the metrics and tables to this MLflow run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for --mlflow")
+    p.add_argument("--job", help="an evaluate job (jobs/evaluate.yaml); flags override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
 # name -> (help, argument setup, "module:function" taking the parsed namespace, returning exit code)
 COMMANDS: dict[str, tuple[str, Configure, str]] = {
     "catalog": ("inspect label spaces", _catalog_args, "multitalent.catalog.cli:run"),
@@ -121,6 +155,16 @@ COMMANDS: dict[str, tuple[str, Configure, str]] = {
         "train a job with Ray Train + DeepSpeed (MLflow tracking, resumable)",
         _train_args,
         "multitalent.train.cli:run",
+    ),
+    "predict": (
+        "segment scans with a trained model (label maps in each scan's geometry)",
+        _predict_args,
+        "multitalent.inference.cli:run",
+    ),
+    "evaluate": (
+        "Dice and HD95 of predictions against raw ground truth",
+        _evaluate_args,
+        "multitalent.evaluation.cli:run",
     ),
     "augment-preview": (
         "PNG grid of augmented patches with label overlays",

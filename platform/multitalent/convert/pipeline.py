@@ -293,6 +293,10 @@ def run_conversion(
     )
     summary.shards = len(shards)
     write_manifest(out, records, shards, plan_sha256=plan.sha256, catalog_hash=catalog.hash)
+    # the folds training validates on and evaluation scores, fixed with the collection
+    from multitalent.data.sampling import write_splits
+
+    write_splits(out, [(rec.dataset_id, rec.case_id) for rec in records])
     summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
     _atomic_write_text(out / "report.json", json.dumps(summary.report(), indent=1))
     return summary

@@ -386,6 +386,93 @@ def split_cases(
     return [by_ref[k] for k in train], [by_ref[k] for k in val]
 
 
+SPLITS_FILE = "splits.json"  # in a converted collection's root, written by the converter
+SPLITS_VERSION = 1
+
+
+def make_splits(
+    keys: Sequence[tuple[str, str]], *, n_splits: int = 5, seed: int = KFOLD_SEED
+) -> dict[str, Any]:
+    """Every fold of :func:`split_keys` as JSON-able data (nnU-Net's ``splits_final.json``, per dataset).
+
+    ``folds[f]`` holds ``train`` and ``val`` lists of ``<dataset_id>__<case_id>`` keys, sorted.
+    """
+    folds = []
+    for fold in range(n_splits):
+        train, val = split_keys(keys, fold, n_splits=n_splits, seed=seed)
+        folds.append({"train": [case_key(*k) for k in train], "val": [case_key(*k) for k in val]})
+    return {
+        "version": SPLITS_VERSION,
+        "n_splits": n_splits,
+        "seed": seed,
+        "rule": "per dataset: sorted case ids, KFold(n_splits, shuffle=True, random_state=seed); "
+        "datasets with fewer cases than folds are in every fold's training set",
+        "folds": folds,
+    }
+
+
+def write_splits(
+    root: Any, keys: Sequence[tuple[str, str]], *, n_splits: int = 5, seed: int = KFOLD_SEED
+) -> Any:
+    """Write ``root/splits.json`` (atomically) for the cases ``keys``; returns its path."""
+    import json
+    from pathlib import Path
+
+    path = Path(root) / SPLITS_FILE
+    tmp = path.with_name(f".tmp-{SPLITS_FILE}")
+    tmp.write_text(json.dumps(make_splits(keys, n_splits=n_splits, seed=seed), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_splits(path: Any) -> dict[str, Any]:
+    """Read a ``splits.json`` written by :func:`write_splits` (ValueError naming the file otherwise)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+        if data["version"] != SPLITS_VERSION or len(data["folds"]) != data["n_splits"]:
+            raise ValueError("inconsistent version or number of folds")
+        return dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable splits file ({e})") from None
+
+
+def fold_keys(
+    splits: Mapping[str, Any], fold: int | None
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(train, val)`` ``(dataset_id, case_id)`` pairs of one fold of a splits file (``None``: all train)."""
+    folds = splits["folds"]
+    if fold is None:
+        keys = sorted({case_ref(k) for k in [*folds[0]["train"], *folds[0]["val"]]})
+        return keys, []
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"fold must lie in [0, {len(folds)}), got {fold}")
+    return [case_ref(k) for k in folds[fold]["train"]], [case_ref(k) for k in folds[fold]["val"]]
+
+
+def split_collection(root: Any, cases: Sequence[T], fold: int | None) -> tuple[list[T], list[T]]:
+    """:func:`split_cases` of a converted collection: from its ``splits.json`` when there is one (the
+    file evaluation reads too), else computed by the same rule. Raises ValueError when the file and the
+    cases disagree (convert again to rewrite it)."""
+    from pathlib import Path
+
+    path = Path(root) / SPLITS_FILE
+    if not path.is_file():
+        return split_cases(cases, fold)
+    by_ref = {case_ref(c): c for c in cases}
+    train, val = fold_keys(load_splits(path), fold)
+    listed = set(train) | set(val)
+    if listed != set(by_ref):
+        extra, absent = sorted(set(by_ref) - listed), sorted(listed - set(by_ref))
+        raise ValueError(
+            f"{path}: splits do not match the collection's cases (not in the file: {extra[:5]}, "
+            f"not in the collection: {absent[:5]}); convert again to rewrite it"
+        )
+    return [by_ref[k] for k in train], [by_ref[k] for k in val]
+
+
 # ----------------------------------------------------------------------------- rank/worker split
 def partition(
     items: Sequence[T], rank: int, world_size: int, worker: int = 0, num_workers: int = 1

@@ -96,9 +96,7 @@ def _load_fast_raw(path: Path) -> tuple[Any, bytes] | None:
         return None
 
 
-def read_volume(
-    path: Path, *, what: str = "image", writeable: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path: Path, *, what: str = "image", writeable: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3-D NIfTI volume eagerly.
 
     Returns ``(array_ijk, affine)``: the voxel array in stored order with the header's scaling

@@ -56,7 +56,7 @@ def load_data_setup(job: TrainJob, *, catalog: Catalog | None = None) -> DataSet
         PlanError: the plan is unreadable or invalid.
         ValueError: the shards were converted for another label space than the job's catalog.
     """
-    from multitalent.data.sampling import split_cases
+    from multitalent.data.sampling import split_collection
     from multitalent.preprocess.plan import PLAN_FILE, Plan
     from multitalent.shards import load_manifest
 
@@ -75,7 +75,7 @@ def load_data_setup(job: TrainJob, *, catalog: Catalog | None = None) -> DataSet
             f"{root / 'manifest.json'}: converted for catalog hash {manifest.catalog_hash}, but the job's "
             f"catalog {job.catalog!r} has hash {catalog.hash}; convert with the same catalog"
         )
-    train, val = split_cases(list(manifest.cases), job.validation.fold)
+    train, val = split_collection(root, list(manifest.cases), job.validation.fold)
     if not train:
         raise ValueError(f"{root}: no training cases in fold {job.validation.fold}")
     if job.validation.max_cases is not None:

@@ -1,0 +1,155 @@
+"""A trained model as inference needs it: weights, how to rebuild the network, the plan, the label space.
+
+:class:`ModelFiles` names plain files (a full ``state_dict`` in ``model.pt``, the network's description
+``model.json`` as :meth:`MultiTalentNet.describe` writes it, ``plan.json`` and the label space); where
+they come from (a training run folder, a model package) is resolved by the command line. Weights are
+loaded with ``torch.load(weights_only=True)``: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from multitalent.catalog import Catalog
+from multitalent.preprocess.plan import Plan
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Everything needed to rebuild a trained network; JSON-able through :meth:`to_dict`.
+
+    ``network`` holds :func:`multitalent.models.build_network`'s arguments (``arch``, ``heads``, ``size``,
+    ``in_channels``, ``patch_size_zyx``, ``spacing_zyx_mm``); ``source`` says where the files came from
+    (written to ``predictions.json``; ``id`` identifies the model for ``--overwrite`` checks).
+    """
+
+    weights: Path
+    network: Mapping[str, Any]
+    plan: Plan
+    catalog: Catalog
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return str(self.source.get("id") or self.weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": str(self.weights),
+            "network": dict(self.network),
+            "plan": self.plan.to_dict(),
+            "catalog": self.catalog.to_dict(),
+            "source": dict(self.source),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelFiles:
+        return cls(
+            weights=Path(d["weights"]),
+            network=dict(d["network"]),
+            plan=Plan.from_dict(d["plan"]),
+            catalog=Catalog.from_dict(d["catalog"]),
+            source=dict(d.get("source", {})),
+        )
+
+
+def network_arguments(description: Mapping[str, Any]) -> dict[str, Any]:
+    """``build_network`` arguments from a ``model.json`` (:meth:`MultiTalentNet.describe`)."""
+    try:
+        backbone = description.get("backbone", {})
+        return {
+            "arch": str(description["arch"]),
+            "heads": [int(n) for n in description["head_groups"]],
+            "size": str(description["size"]),
+            "in_channels": int(description.get("in_channels", 1)),
+            "patch_size_zyx": [int(p) for p in description["patch_size_zyx"]],
+            "spacing_zyx_mm": [float(s) for s in backbone["spacing_zyx_mm"]],
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"model description lacks or garbles {e}") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """The rebuilt network (eval mode, deep supervision off) and its label space and plan."""
+
+    network: torch.nn.Module
+    files: ModelFiles
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.files.catalog
+
+    @property
+    def plan(self) -> Plan:
+        return self.files.plan
+
+    @property
+    def patch_zyx(self) -> tuple[int, int, int]:
+        p = self.files.network["patch_size_zyx"]
+        return (int(p[0]), int(p[1]), int(p[2]))
+
+
+def load_model(files: ModelFiles, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network of ``files`` and load its weights.
+
+    Raises:
+        ModelError: missing weights, a label space other than the plan's, weights that do not fit.
+    """
+    import torch
+
+    from multitalent.models import build_network
+
+    if files.catalog.hash != files.plan.catalog_hash:
+        raise ModelError(
+            f"{files.weights}: label space {files.catalog.name!r} ({files.catalog.hash}) is not the plan's "
+            f"({files.plan.catalog_hash})"
+        )
+    heads = [int(n) for n in files.network["heads"]]
+    if tuple(heads) != files.catalog.classes_per_dataset():
+        raise ModelError(
+            f"{files.weights}: network heads {heads} do not match the label space "
+            f"{list(files.catalog.classes_per_dataset())}"
+        )
+    if not Path(files.weights).is_file():
+        raise ModelError(f"{files.weights}: weights file missing")
+    args = dict(files.network)
+    network = build_network(args.pop("arch"), args.pop("heads"), deep_supervision=False, **args)
+    try:
+        state = torch.load(files.weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{files.weights}: cannot read weights ({e})") from None
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ModelError(f"{files.weights}: weights do not fit the network ({first})") from None
+    network.eval().to(device)
+    return LoadedModel(network, files)
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read {what} ({e})") from None
