@@ -284,6 +284,23 @@ class InitReport:
         return out
 
 
+def describe_init(parts: RunParts) -> list[str]:
+    """Dry-run lines of an ``init:`` run: the package, the head layout, the schedule's phases."""
+    assert parts.init is not None
+    lines = parts.init.lines(parts.model)
+    seen: list[str] = []
+    for i in range(0, parts.job.schedule.total_iterations, parts.job.schedule.iterations_per_epoch):
+        phase = parts.schedule.phase_at(i)
+        if phase.name not in seen:
+            seen.append(phase.name)
+            lines.append(
+                f"phase {phase.name}: iterations {phase.start}-{phase.stop - 1}, trains {phase.trains}, "
+                f"optimiser {phase.optimizer}, clip {phase.clip}, lr {parts.schedule.lr_at(phase.start):.3g} "
+                f"-> {parts.schedule.lr_at(phase.stop - 1):.3g}"
+            )
+    return lines
+
+
 def init_tracking_uri(job: TrainJob) -> str:
     from multitalent.train.launch import tracking_uri
 

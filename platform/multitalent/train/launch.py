@@ -211,6 +211,11 @@ def dry_run(job: TrainJob) -> DryRunReport:
         f"{parts.output_levels} output level(s), patch {job.architecture.patch_zyx}; "
         f"loss {type(parts.objective.loss).__name__}"
     )
+    if parts.init is not None:  # fine-tuning / adding datasets: the package and the head layout
+        from multitalent.train.components import describe_init
+
+        lines += describe_init(parts)
+        warnings += [f"init: {parts.init.error}"] if parts.init.error else []
     lines.append(
         f"optimiser: {type(parts.optimizer).__name__} lr {job.optimiser.lr} -> poly {s.poly_exponent}; "
         f"{s.epochs} epochs x {s.iterations_per_epoch} iterations; lr at the last epoch "
