@@ -67,7 +67,7 @@ def test_old_heads_keep_their_outputs_bit_for_bit_and_new_ones_are_appended(
         for a, b in zip(old_net(x), new_net(x)):
             assert torch.equal(a, b[:, :n_old])
     lines = "\n".join(parts.init.lines(parts.model))
-    assert "6:1@12-12(new)" in lines and "0:2@0-1(package)" in lines
+    assert "6:3@17-19(new)" in lines and "0:2@0-1(package)" in lines
 
 
 def test_a_catalog_that_does_not_start_with_the_packages_is_refused(phantom_shards, tmp_path):

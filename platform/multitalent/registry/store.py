@@ -74,6 +74,10 @@ def _is_remote(uri: str) -> bool:
 @contextmanager
 def _client(tracking_uri: str, *, what: str) -> Iterator[MlflowClient]:
     """A client of ``tracking_uri``; store failures inside become one-line :class:`RegistryError` s."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():  # MLflow would create an empty store there
+            raise RegistryError(f"{what}: no MLflow store at {tracking_uri} ({db} does not exist)")
     if _is_remote(tracking_uri):
         # MLflow's defaults (7 retries, 120 s) turn a wrong address into minutes of silence.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
