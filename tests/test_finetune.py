@@ -201,13 +201,16 @@ def test_the_logged_lr_follows_the_phases_and_the_run_records_its_parent(uninter
     assert tags["multitalent.parent_model"] == "phantom-tiny/1"
 
 
-def test_publishing_a_run_packages_its_fp32_master_weights(uninterrupted, published, tmp_path):
-    from multitalent.registry.from_run import fp32_weights, publish_run
+def test_publishing_a_run_packages_its_fp32_master_weights(uninterrupted, published, tmp_path, capsys):
+    from multitalent.cli import main
+    from multitalent.registry.from_run import fp32_weights
 
     _, uri, _ = published
-    done = publish_run(uninterrupted.run_dir, name="phantom-ft", alias="champion")
+    assert main(["publish", str(uninterrupted.run_dir), "--name", "phantom-ft", "--alias", "champion"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == ["models:/phantom-ft/1", "models:/phantom-ft@champion"]
     pkg = pull("models:/phantom-ft@champion", tmp_path / "ft", tracking_uri=uri)
-    assert pkg.version == done.version
+    assert pkg.version == "1"
     ours = pkg.state_dict()
     master = fp32_weights(uninterrupted.checkpoint)
     assert ours.keys() == master.keys() and all(torch.equal(ours[k], master[k]) for k in ours)
@@ -217,7 +220,7 @@ def test_publishing_a_run_packages_its_fp32_master_weights(uninterrupted, publis
     assert "parent model: phantom-tiny/1" in card and uninterrupted.mlflow_run_id in card
     from mlflow.tracking import MlflowClient
 
-    tags = MlflowClient(tracking_uri=uri).get_model_version("phantom-ft", done.version).tags
+    tags = MlflowClient(tracking_uri=uri).get_model_version("phantom-ft", "1").tags
     assert tags["multitalent.parent"] == "phantom-tiny/1"
 
 

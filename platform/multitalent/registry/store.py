@@ -299,7 +299,13 @@ def load_package(
                 shutil.rmtree(target)
     else:
         target = Path(tempfile.mkdtemp(prefix="multitalent-package-")) / "package"
-    return pull(source, target, tracking_uri=tracking_uri)
+    try:
+        return pull(source, target, tracking_uri=tracking_uri)
+    except OSError:
+        # Another worker of the run filled the same cache folder first (its rename won): use its copy.
+        if cache_dir is None or not target.is_dir():
+            raise
+        return open_package(target, source=source, version=resolved.version)
 
 
 def registered_versions(name: str, *, tracking_uri: str) -> list[dict[str, Any]]:
