@@ -138,30 +138,21 @@ def finetune_vs_scratch(args: argparse.Namespace) -> dict:
     pre_ids = [d for d in phantom.dataset_ids if d != args.holdout]
     pre_shards, tgt_shards = work / "pretrain_shards", work / "target_shards"
     t0 = time.perf_counter()
-    _convert(raw, pre_shards, pre_ids)
+    if not (pre_shards / "manifest.json").exists():
+        _convert(raw, pre_shards, pre_ids)
     patch = args.patch
     common = [f"architecture.patch_zyx=[{patch}]"]
     pre_cat = phantom.subset(pre_ids)
     pre_cat_file = work / "pretrain_catalog.json"
     pre_cat_file.write_text(json.dumps(pre_cat.to_dict()))
     ipe = max(1, args.pretrain // 8)
-    pre = _train(
-        _job(
-            pre_shards,
-            work / "runs",
-            "pretrain",
-            [
-                *common,
-                f"catalog={pre_cat_file}",
-                "schedule.epochs=8",
-                f"schedule.iterations_per_epoch={ipe}",
-                "validation.fold=null",
-            ],
-        ),
-        work / "runs" / "pretrain",
-    )
     package = work / "package"
-    if not package.exists():
+    if package.exists():  # a rerun in the same --workdir reuses the pre-trained package
+        print(f"[bench] reusing {package}", flush=True)
+    else:
+        overrides = [*common, f"catalog={pre_cat_file}", "schedule.epochs=8"]
+        overrides += [f"schedule.iterations_per_epoch={ipe}", "validation.fold=null"]
+        pre = _train(_job(pre_shards, work / "runs", "pretrain", overrides), work / "runs" / "pretrain")
         write_package(
             package,
             model=pre.engine.module,
@@ -170,7 +161,8 @@ def finetune_vs_scratch(args: argparse.Namespace) -> dict:
             catalog=pre.catalog,
             card=ModelCard(cases={}, validation={}, training={"iterations": pre.state.iteration}),
         )
-    _convert(raw, tgt_shards, [args.holdout], plan=str(package))
+    if not (tgt_shards / "manifest.json").exists():
+        _convert(raw, tgt_shards, [args.holdout], plan=str(package))
     tgt_cat_file = work / "target_catalog.json"
     tgt_cat_file.write_text(json.dumps(phantom.subset([args.holdout]).to_dict()))
     prep_s = time.perf_counter() - t0
@@ -204,7 +196,7 @@ def finetune_vs_scratch(args: argparse.Namespace) -> dict:
         rows.append(row)
     return {
         "holdout": args.holdout,
-        "pretrain_iterations": pre.state.iteration,
+        "pretrain_iterations": 8 * ipe,
         "patch_zyx": patch,
         "prep_s": round(prep_s, 1),
         "rows": rows,
