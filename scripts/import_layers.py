@@ -54,6 +54,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("evaluation", ("evaluation",), "metrics over the label space, usable without training or tracking"),
     ("tracking", ("tracking",), "records what training and evaluation produce (MLflow, names, pictures)"),
     (
+        "registry",
+        ("registry",),
+        "model packages (plain files) and the MLflow model registry; publishing a run is train.publish",
+    ),
+    (
         "distributed",
         ("distributed", "raycluster"),
         "Ray and DeepSpeed plumbing from plain settings; never the application's job object",

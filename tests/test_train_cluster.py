@@ -74,7 +74,9 @@ def _final_state(run_dir: Path) -> tuple[Path, TrainerState]:
 def _mlflow_runs(run_dir: Path) -> tuple[object, list[object]]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(
+        tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    )  # the storage path's store
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments])
     return client, runs

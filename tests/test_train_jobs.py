@@ -65,7 +65,8 @@ def test_training_job_dry_runs_on_the_phantom_shards(path, phantom_shards, tmp_p
         path, [f"run.storage_path={tmp_path}", f"shards.path={phantom_shards}", "catalog=phantom"]
     )
     report = dry_run(job)
-    assert report.warnings == []
+    # A fine-tuning job's model package is not published here: its warning is expected.
+    assert [w for w in report.warnings if not (job.init and w.startswith("init:"))] == []
     assert report.batch_shape is not None and report.batch_shape[:2] == (job.micro_batch, 1)
     assert "training /" in report.text() and "batch (rank 0, iteration 0)" in report.text()
 

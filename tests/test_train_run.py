@@ -220,7 +220,7 @@ def test_zero3_skips_nonfinite_losses_counts_them_and_stops_after_too_many(
     state = verify_checkpoint(folder)
     assert state.iteration == 6 and state.skipped_nonfinite == 4 and state.optimizer_steps == 2
     assert state.stop_reason is not None and "nonfinite.max_consecutive = 2" in state.stop_reason
-    client = MlflowClient(tracking_uri=f"sqlite:///{job.run_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{job.run_dir.parent / 'mlflow.db'}")  # storage path's
     run = client.get_run(state.mlflow_run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["multitalent.stop_reason"]
     skipped = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/skipped_nonfinite")}

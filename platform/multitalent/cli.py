@@ -166,6 +166,16 @@ COMMANDS: dict[str, tuple[str, Configure, str]] = {
         _evaluate_args,
         "multitalent.evaluation.cli:run",
     ),
+    "publish": (
+        "package a run's newest verified checkpoint and register it in MLflow",
+        lambda p: importlib.import_module("multitalent.registry.cli").publish_args(p),
+        "multitalent.registry.cli:publish",
+    ),
+    "pull": (
+        "download and verify a model package (models:/NAME@ALIAS, models:/NAME/VERSION)",
+        lambda p: importlib.import_module("multitalent.registry.cli").pull_args(p),
+        "multitalent.registry.cli:pull",
+    ),
     "augment-preview": (
         "PNG grid of augmented patches with label overlays",
         _augment_preview_args,

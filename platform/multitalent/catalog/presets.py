@@ -22,12 +22,19 @@ def load_preset(name: str) -> Catalog:
 
 
 def load_catalog(spec: str | Path) -> Catalog:
-    """A preset name, or a path to a catalog file (JSON or YAML with the preset format).
+    """A preset name, a path to a catalog file (JSON or YAML with the preset format), or ``A+B+...``:
+    catalog ``A`` with the datasets of ``B``... appended (e.g. ``multitalent13+totalsegmentator``).
 
     Raises:
         CatalogError: an unknown preset, a missing file, or a file that is not a valid catalog (the
             message names the file).
     """
+    if isinstance(spec, str) and "+" in spec and not Path(spec).is_file():
+        first, *rest = spec.split("+")
+        catalog = load_catalog(first)
+        for more in rest:
+            catalog = catalog.extend(*load_catalog(more).datasets, name=spec)
+        return catalog
     path = Path(spec)
     if path.suffix.lower() in {".json", ".yaml", ".yml"}:
         if not path.is_file():

@@ -75,6 +75,10 @@ class ConvertJob(StrictModel):
     kind: Literal["convert"] = "convert"
     catalog: str = "phantom"
     datasets: list[str] | None = None
+    # Reuse a model package's plan (spacing, normalisation, ...) instead of planning: a package folder or
+    # models:/NAME@ALIAS | models:/NAME/VERSION (registry at tracking_uri). preprocess: is then unused.
+    plan: str | None = None
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
     raw_root: str
     out: str
     synth: SynthSection | None = None

@@ -198,6 +198,19 @@ def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> 
     return dataclasses.replace(plan, anisotropy_threshold=job.preprocess.anisotropy_threshold)
 
 
+def _package_plan(job: ConvertJob, catalog: Catalog, log: Callable[[str], None]) -> Plan:
+    """The plan of the package ``job.plan`` names, made for this job's catalog."""
+    from multitalent.registry.store import load_package
+
+    assert job.plan is not None
+    package = load_package(job.plan, tracking_uri=job.tracking_uri)
+    p = package.plan
+    log(f"plan from {package.source}: {p.sha256[:12]} (catalog part replaced by {catalog.name})")
+    return dataclasses.replace(
+        p, catalog_name=catalog.name, catalog_hash=catalog.hash, classes=tuple(c.key for c in catalog.classes)
+    )
+
+
 def run_conversion(
     job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print
 ) -> ConvertSummary:
@@ -233,7 +246,7 @@ def run_conversion(
     with ray_session(address=address or job.ray.address, num_cpus=job.ray.num_cpus) as ray:
         valid = cases
         samples: list[np.ndarray] = []
-        if job.preprocess.normalization.source == "collection":
+        if job.plan is None and job.preprocess.normalization.source == "collection":
             scanned = _run_tasks(
                 ray,
                 _scan,
@@ -256,7 +269,7 @@ def run_conversion(
                 return _nothing_valid(
                     summary, "no valid case to compute the collection's intensity statistics from"
                 )
-        plan = _make_plan(job, catalog, samples)
+        plan = _package_plan(job, catalog, log) if job.plan else _make_plan(job, catalog, samples)
         plan.save(out / PLAN_FILE)
         n = plan.normalization
         clip = f"[{n.clip[0]:.0f}, {n.clip[1]:.0f}]"

@@ -42,6 +42,23 @@ def source_digest(case: Any) -> str:
     return h.hexdigest()
 
 
+def case_plan_sha256(plan: Plan, dataset: DatasetSpec) -> str:
+    """What decides a converted case's bytes besides its raw files: the plan without its catalog part,
+    and the case's own dataset (its labels and classes).
+
+    Independent of the other datasets of the catalog, so appending datasets to a catalog reconverts
+    only the new ones (``plan.sha256`` covers the whole catalog and is kept for the collection).
+    """
+    import json
+
+    spec = dataset.to_dict()
+    data = {
+        "plan": {k: v for k, v in plan.to_dict().items() if k != "catalog"},
+        "dataset": {"id": spec["id"], "labels": spec["labels"], "classes": spec["classes"]},
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def scan_case(
     case: Any,
     dataset: DatasetSpec,
@@ -89,7 +106,8 @@ def scan_case(
 def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> dict[str, Any]:
     """Preprocess one case into its Zarr store, unless a verified store of the same inputs exists.
 
-    The store is stamped with ``plan.sha256``; a store with another stamp is converted again.
+    The store is stamped with :func:`case_plan_sha256` (and, for information, the ``plan.sha256`` it
+    was converted under); a store with another ``case_plan_sha256`` is converted again.
     """
     from multitalent.preprocess import preprocess_case
     from multitalent.rawio import CaseError, load_case
@@ -97,6 +115,7 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> di
 
     out_root = Path(out)
     plan_sha256 = plan.sha256
+    identity = case_plan_sha256(plan, dataset)
     digest = source_digest(case)
     store = zarr_case_path(out_root, case.dataset_id, case.case_id)
     if store.exists():
@@ -104,7 +123,7 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> di
         if (
             record is not None
             and record.meta.get("source_sha256") == digest
-            and (record.meta.get("plan_sha256") == plan_sha256)
+            and record.meta.get("case_plan_sha256") == identity
         ):
             return {
                 "status": "skipped",
@@ -123,7 +142,7 @@ def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> di
         pre,
         dataset_id=case.dataset_id,
         case_id=case.case_id,
-        extra_attrs={"source_sha256": digest, "plan_sha256": plan_sha256},
+        extra_attrs={"source_sha256": digest, "plan_sha256": plan_sha256, "case_plan_sha256": identity},
     )
     return {
         "status": "converted",

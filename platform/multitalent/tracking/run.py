@@ -40,6 +40,13 @@ def _is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def _local_store_dir(tracking_uri: str) -> Path | None:
+    """``<folder of the sqlite file>/mlartifacts`` for a ``sqlite:///`` URI, else ``None``."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+
+
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:MAX_PARAM_VALUE_LENGTH]
@@ -105,8 +112,9 @@ class MlflowRun:
             tracking_uri = f"sqlite:///{run_dir / 'mlflow.db'}"
         if not _is_remote(tracking_uri):
             # A database URI without a server would put artifacts under ./mlruns of whatever
-            # directory the process runs in.
-            artifact_location = (run_dir / "mlartifacts").as_uri()
+            # directory the process runs in: keep them beside the database (a store shared by the
+            # runs of a storage path shares its artifact root).
+            artifact_location = (_local_store_dir(tracking_uri) or run_dir / "mlartifacts").as_uri()
         else:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(policy.http_max_retries))
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(policy.http_timeout_s))

@@ -125,8 +125,10 @@ class Tracking(CallbackBase):
             self.tracker = Tracker.disabled()
             return
         run_id = trainer.state.mlflow_run_id or _read_run_id(trainer.run_dir)
+        from multitalent.train.launch import tracking_uri
+
         self.tracker = Tracker.start(
-            tracking_uri=job.tracking.uri,
+            tracking_uri=tracking_uri(job),
             experiment=job.tracking.experiment,
             run_name=job.run.name,
             run_dir=trainer.run_dir,
@@ -134,6 +136,7 @@ class Tracking(CallbackBase):
             tags={"multitalent.attempt": trainer.attempt},
         )
         t = self.tracker
+        t.set_tags(trainer.lineage_tags)
         t.log_job(resolved_yaml(job))
         t.log_plan(trainer.setup.plan)
         t.log_label_space(trainer.catalog)

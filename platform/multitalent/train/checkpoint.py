@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from multitalent.preprocess.plan import PLAN_FILE as PLAN_FILE  # rank 0 saves the run plan here
 from multitalent.shards import file_sha256
 
 STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "history.npz"
-WEIGHTS_FILE = "model.pt"
+WEIGHTS_FILE = "model.pt"  # rank 0's copy of the module's weights (bf16 under bf16; see MODEL_INFO_FILE)
+MODEL_INFO_FILE = "model_info.json"  # rank 0: architecture, catalog, cases, validation, lineage (publish)
 DEEPSPEED_TAG = "deepspeed"
 RUN_ID_FILE = "mlflow_run_id"  # in the run directory: the MLflow run of this run directory
 _DIR_RE = re.compile(r"^ckpt-it(\d{9})-([0-9a-z]+)$")
@@ -56,6 +58,7 @@ class TrainerState:
     mlflow_run_id: str | None = None
     attempt: str = ""
     stop_reason: str | None = None  # set in the checkpoint a stopped launch leaves behind
+    phase: str = ""  # the schedule phase whose optimiser wrote the checkpoint ("train", "heads", ...)
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[iteration, value]]
 
     def to_json(self) -> str:

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from multitalent.distributed.deepspeed_config import DeepSpeedSettings
     from multitalent.distributed.ray_launch import WorkerGroup
     from multitalent.preprocess.plan import Plan
+    from multitalent.registry.package import ModelPackage
     from multitalent.train.batches import AugmentPlan
-    from multitalent.train.schedule import PolySchedule
+    from multitalent.train.schedule import Schedule
     from multitalent.train.step import MultiTalentObjective
 
 
@@ -200,6 +201,30 @@ def deepspeed_config(job: TrainJob) -> dict[str, Any]:
     return derive_deepspeed_config(deepspeed_settings(job))
 
 
+def phase_deepspeed_config(config: dict[str, Any], *, clip: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a phase: the job's, without gradient clipping when the phase has none."""
+    return config if clip else {**config, "gradient_clipping": 0.0}
+
+
+def build_schedule(job: TrainJob) -> Schedule:
+    """Poly from the start, or with ``finetune:`` the heads / warmup / poly phases."""
+    from multitalent.train.schedule import FinetuneSchedule, PolySchedule
+
+    s = job.schedule
+    if job.finetune is None:
+        return PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent)
+    f = job.finetune
+    return FinetuneSchedule(
+        heads_lr=f.heads_lr,
+        heads_epochs=f.heads_epochs,
+        warmup_epochs=f.warmup_epochs,
+        base_lr=job.optimiser.lr,
+        epochs=s.epochs,
+        iterations_per_epoch=s.iterations_per_epoch,
+        exponent=s.poly_exponent,
+    )
+
+
 def worker_group(job: TrainJob) -> WorkerGroup:
     from multitalent.distributed.ray_launch import WorkerGroup
 
@@ -233,6 +258,170 @@ def augment_plan(job: TrainJob, catalog: Catalog | None = None) -> AugmentPlan:
     )
 
 
+# ------------------------------------------------------------------------------------ init from a package
+@dataclass
+class InitReport:
+    """What ``init:`` did: the package (``None`` when it could not be loaded in a dry run: ``error``), how
+    its weights were transferred, and the fp32 parameters right after (what frozen parameters keep)."""
+
+    uri: str
+    transfer: str
+    package: ModelPackage | None
+    kept_head_groups: int = 0  # head groups whose weights came from the package (transfer: all)
+    initial_parameters: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def parent(self) -> str:
+        """``name/version`` of a registered package, else its source."""
+        p = self.package
+        if p is None:
+            return self.uri
+        if p.version is not None:
+            return f"{p.source.removeprefix('models:/')}"
+        return p.source
+
+    def lines(self, model: Any) -> list[str]:
+        out = [
+            f"init: {self.uri} -> {self.parent if self.package else 'NOT LOADED'} (transfer: {self.transfer})"
+        ]
+        groups = list(model.head_groups)
+        slices = model.group_slices
+        layout = []
+        for g, (n, s) in enumerate(zip(groups, slices)):
+            origin = "package" if g < self.kept_head_groups else "new"
+            layout.append(f"{g}:{n}@{s.start}-{s.stop - 1}({origin})")
+        out.append(f"heads: {len(groups)} groups, {sum(groups)} classes: " + " ".join(layout))
+        return out
+
+
+def describe_init(parts: RunParts) -> list[str]:
+    """Dry-run lines of an ``init:`` run: the package, the head layout, the schedule's phases."""
+    assert parts.init is not None
+    lines = parts.init.lines(parts.model)
+    seen: list[str] = []
+    for i in range(0, parts.job.schedule.total_iterations, parts.job.schedule.iterations_per_epoch):
+        phase = parts.schedule.phase_at(i)
+        if phase.name not in seen:
+            seen.append(phase.name)
+            lines.append(
+                f"phase {phase.name}: iterations {phase.start}-{phase.stop - 1}, trains {phase.trains}, "
+                f"optimiser {phase.optimizer}, clip {phase.clip}, lr {parts.schedule.lr_at(phase.start):.3g} "
+                f"-> {parts.schedule.lr_at(phase.stop - 1):.3g}"
+            )
+    return lines
+
+
+def init_tracking_uri(job: TrainJob) -> str:
+    from multitalent.train.launch import tracking_uri
+
+    return job.init.tracking_uri if job.init and job.init.tracking_uri else tracking_uri(job)
+
+
+def load_init_package(job: TrainJob) -> ModelPackage:
+    """The package of ``job.init`` (registry downloads cached under ``<run dir>/init_package``)."""
+    from multitalent.registry.store import load_package
+
+    assert job.init is not None
+    return load_package(
+        job.init.model, tracking_uri=init_tracking_uri(job), cache_dir=job.run_dir / "init_package"
+    )
+
+
+def check_architecture(
+    job: TrainJob, package: ModelPackage, spacing_zyx_mm: tuple[float, float, float]
+) -> None:
+    """The job's network must be the package's (up to the heads).
+
+    Raises:
+        ValueError: naming the first differing field.
+    """
+    b = package.architecture["build"]
+    a = job.architecture
+    pairs = [
+        ("architecture.arch", a.arch, b["arch"]),
+        ("architecture.size", a.size, b["size"]),
+        ("architecture.patch_zyx", list(a.patch_zyx), list(b["patch_size_zyx"])),
+        ("in_channels", 1, b["in_channels"]),
+        (
+            "plan.target_spacing_zyx_mm",
+            [float(s) for s in spacing_zyx_mm],
+            [float(s) for s in b["spacing_zyx_mm"]],
+        ),
+    ]
+    for field, ours, theirs in pairs:
+        if ours != theirs:
+            raise ValueError(f"{field}: the job has {ours}, the package {package.source} has {theirs}")
+
+
+def check_plan(plan: Plan, package: ModelPackage, *, where: str) -> None:
+    """The shards' plan must preprocess as the package's did (the catalog part may differ).
+
+    Raises:
+        ValueError: naming the first differing field (convert with ``plan: <the package>``).
+    """
+    from multitalent.tracking.loggers import flatten as flatten_dict
+
+    ours = flatten_dict({k: v for k, v in plan.to_dict().items() if k != "catalog"})
+    theirs = flatten_dict({k: v for k, v in package.plan.to_dict().items() if k != "catalog"})
+    for key in sorted(set(ours) | set(theirs)):
+        if ours.get(key) != theirs.get(key):
+            raise ValueError(
+                f"plan field {key}: {where} has {ours.get(key)!r}, the package {package.source} has "
+                f"{theirs.get(key)!r}; convert the target data with the package's plan "
+                "(convert job: plan: URI)"
+            )
+
+
+def check_catalog_extends(base: Catalog, extended: Catalog) -> None:
+    """``extended`` must start with ``base``'s datasets, unchanged.
+
+    Raises:
+        ValueError: listing the first difference.
+    """
+    theirs, ours = base.label_space(), extended.label_space()
+    for i, d in enumerate(theirs):
+        if i >= len(ours):
+            raise ValueError(
+                f"catalog: the package's dataset {i} ({d['dataset']}) is missing; a catalog that adds "
+                f"datasets must start with the package's {len(theirs)} datasets"
+            )
+        if ours[i] != d:
+            for key in ("dataset", "labels", "classes"):
+                if ours[i][key] != d[key]:
+                    raise ValueError(
+                        f"catalog: dataset {i} differs from the package's in {key}: job {ours[i][key]!r}, "
+                        f"package {d[key]!r}; append new datasets after the package's, unchanged"
+                    )
+    if len(ours) == len(theirs):
+        raise ValueError("catalog: transfer: all adds datasets, but the job's catalog equals the package's")
+
+
+def initialise_from_package(model: Any, package: ModelPackage, *, transfer: str, catalog: Catalog) -> int:
+    """Load the package into ``model`` (built for ``catalog``); returns how many head groups it filled.
+
+    ``backbone``: the backbone (strict); every head stays freshly initialised. ``all``: the backbone and the
+    package's head groups (the first ones; strict for those), the appended groups stay fresh.
+    """
+    full = package.state_dict()
+    if transfer == "backbone":
+        model.load_backbone_state_dict(
+            {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")},
+            strict=True,
+        )
+        return 0
+    check_catalog_extends(package.catalog, catalog)
+    kept = len(package.catalog.datasets)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    new_groups = {f".groups.{g}." for g in range(kept, len(catalog.datasets))}
+    stray = [k for k in missing if not any(s in k for s in new_groups)]
+    if unexpected or stray:
+        raise ValueError(
+            f"{package.source}: weights do not fit: missing {stray[:5]}, unexpected {unexpected[:5]}"
+        )
+    return kept
+
+
 # ------------------------------------------------------------------------------------ assembly
 @dataclass
 class RunParts:
@@ -249,13 +438,14 @@ class RunParts:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     objective: MultiTalentObjective
-    schedule: PolySchedule
+    schedule: Schedule
     augment: AugmentPlan
     deepspeed_config: dict[str, Any]
     precision: str  # resolved: "fp32" or "bf16"
     rank: int
     world_size: int
     data_error: str | None = None  # why ``setup`` is None
+    init: InitReport | None = None  # what came from a model package (``init:``)
     _zarr: Any = None  # the rank's Zarr source (shards.source: zarr)
 
     @property
@@ -307,8 +497,10 @@ def assemble(
     import torch
 
     from multitalent.distributed.deepspeed_config import resolve_precision
-    from multitalent.preprocess.plan import DEFAULT_SPACING_ZYX_MM
-    from multitalent.train.schedule import PolySchedule, build_optimizer
+    from multitalent.preprocess.plan import DEFAULT_SPACING_ZYX_MM, PLAN_FILE
+    from multitalent.registry.package import PackageError
+    from multitalent.registry.store import RegistryError
+    from multitalent.train.schedule import build_phase_optimizer
     from multitalent.train.step import MultiTalentObjective
 
     world_size = job.workers.num_workers if world_size is None else world_size
@@ -322,28 +514,50 @@ def assemble(
         if require_data:
             raise
         data_error = str(e)
+    init: InitReport | None = None
+    package = None
+    if job.init is not None:
+        try:
+            package = load_init_package(job)
+        except (PackageError, RegistryError, OSError) as e:
+            if require_data:
+                raise
+            init = InitReport(job.init.model, job.init.transfer, None, error=str(e))
     spacing = setup.spacing_zyx_mm if setup is not None else DEFAULT_SPACING_ZYX_MM
+    if package is not None:
+        if setup is not None:
+            check_plan(setup.plan, package, where=str(setup.root / PLAN_FILE))
+        else:
+            spacing = package.plan.target_spacing_zyx_mm
+        check_architecture(job, package, spacing)
     torch.manual_seed(job.run.seed)
     model = build_model(job, catalog, spacing)
-    s = job.schedule
+    if package is not None:
+        assert job.init is not None
+        kept = initialise_from_package(model, package, transfer=job.init.transfer, catalog=catalog)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()} if job.finetune else None
+        init = InitReport(job.init.model, job.init.transfer, package, kept, initial)
+    schedule = build_schedule(job)
     augment = augment_plan(job, catalog)
+    phase = schedule.phase_at(0)
     parts = RunParts(
         job=job,
         catalog=catalog,
         setup=setup,
         spacing_zyx_mm=spacing,
         model=model,
-        optimizer=build_optimizer(model.parameters(), job.optimiser),
+        optimizer=build_phase_optimizer(model, phase, job.optimiser, lr=schedule.lr_at(0)),
         objective=MultiTalentObjective(
             catalog, n_levels=output_levels(model), dice=job.loss.dice, reduction=job.loss.reduction
         ),
-        schedule=PolySchedule(job.optimiser.lr, s.epochs, s.iterations_per_epoch, s.poly_exponent),
+        schedule=schedule,
         augment=augment,
-        deepspeed_config=ds_config,
+        deepspeed_config=phase_deepspeed_config(ds_config, clip=phase.clip),
         precision=resolve_precision(job.precision, use_gpu=job.workers.use_gpu),
         rank=rank,
         world_size=world_size,
         data_error=data_error,
+        init=init,
     )
     if setup is not None and job.shards.source == "zarr":
         parts._zarr = zarr_source(

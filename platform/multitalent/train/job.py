@@ -63,7 +63,7 @@ class OptimiserSection(StrictModel):
     nesterov: bool = True  # sgd
     weight_decay: float = Field(default=3e-5, ge=0)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])  # adamw
-    eps: float = Field(default=1e-8, gt=0)  # adamw
+    eps: float = Field(default=1e-8, gt=0)  # adamw (SwinUNETR: 1e-4)
     amsgrad: bool = False  # adamw
     grad_clip: float = Field(default=12.0, gt=0)  # global gradient norm (nnU-Net: 12)
 
@@ -87,6 +87,34 @@ class ScheduleSection(StrictModel):
     @property
     def total_iterations(self) -> int:
         return self.epochs * self.iterations_per_epoch
+
+
+class InitSection(StrictModel):
+    """Start from a published model package instead of random weights.
+
+    ``transfer: backbone``: the package's backbone; every head of the job's catalog is new (fine-tuning
+    on target datasets). ``transfer: all``: the job's catalog must start with the package's catalog
+    unchanged; those heads keep their weights, the appended datasets get new head groups (adding datasets).
+    """
+
+    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, or a package folder
+    transfer: Literal["backbone", "all"] = "backbone"
+    tracking_uri: str | None = None  # registry of a models:/ URI; None: the job's own tracking store
+
+
+class FinetuneSection(StrictModel):
+    """The fine-tuning schedule of the paper's reference code (nnU-Net v1 ``warmupsegheads`` trainers).
+
+    Phase ``heads``: epochs ``[0, heads_epochs)``, heads only (backbone frozen), AdamW with amsgrad, lr
+    rising linearly to ``heads_lr`` (epoch e: ``heads_lr * (e + 1) / heads_epochs``), no gradient clipping.
+    Phase ``warmup``: the next ``warmup_epochs``, the whole network with a new optimiser of the job's
+    ``optimiser`` section, lr rising linearly to ``optimiser.lr``, clipping ``optimiser.grad_clip``.
+    Phase ``poly``: the remaining epochs, same optimiser, poly decay over them.
+    """
+
+    heads_epochs: int = Field(default=10, ge=1)
+    heads_lr: float = Field(default=5e-4, gt=0)  # SwinUNETR: 1e-4
+    warmup_epochs: int = Field(default=50, ge=1)
 
 
 class BatchSection(StrictModel):
@@ -251,6 +279,8 @@ class TrainJob(StrictModel):
     nonfinite: NonFiniteSection = NonFiniteSection()
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # pass-through; derived keys are errors
     debug: DebugSection = DebugSection()
+    init: InitSection | None = None  # None: random initialisation (pre-training)
+    finetune: FinetuneSection | None = None  # None: one optimiser, poly schedule from the start
 
     @model_validator(mode="before")
     @classmethod
@@ -282,6 +312,15 @@ class TrainJob(StrictModel):
                 f"batch.global_size {b} is not divisible by workers.num_workers {n} "
                 "(the micro-batch per worker is global_size / num_workers)"
             )
+        if self.finetune is not None:
+            f = self.finetune
+            if self.init is None:
+                raise ValueError("finetune: needs an init: section (a model to fine-tune)")
+            if f.heads_epochs + f.warmup_epochs >= self.schedule.epochs:
+                raise ValueError(
+                    f"finetune: heads_epochs + warmup_epochs ({f.heads_epochs + f.warmup_epochs}) must be "
+                    f"fewer than schedule.epochs ({self.schedule.epochs}) to leave a poly phase"
+                )
         return self
 
     @property

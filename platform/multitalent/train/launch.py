@@ -71,8 +71,16 @@ def absolute_paths(job: TrainJob, base: Path | None = None) -> TrainJob:
 
 
 def tracking_uri(job: TrainJob) -> str:
-    """The MLflow tracking URI the run logs to (default: sqlite under the run directory)."""
-    return job.tracking.uri or f"sqlite:///{job.run_dir / 'mlflow.db'}"
+    """The MLflow tracking URI the run logs to: ``tracking.uri``, else one sqlite store per storage path,
+    ``sqlite:///<storage_path>/mlflow.db``, shared by every run of that path (its artifacts under
+    ``<storage_path>/mlartifacts``), so one store holds the runs and the model registry.
+
+    Before 2026-11-30 the default was one store per run (``<storage_path>/<name>/mlflow.db``); to keep
+    logging an old run there, set ``tracking.uri: sqlite:///<storage_path>/<name>/mlflow.db``
+    (README, "Where MLflow stores runs").
+    """
+    storage = Path(job.run.storage_path).expanduser().resolve()
+    return job.tracking.uri or f"sqlite:///{storage / 'mlflow.db'}"
 
 
 def _result_from_checkpoint(ray_result: Any, job: TrainJob) -> TrainResult:
@@ -303,6 +311,11 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
         f"{parts.output_levels} output level(s), patch {job.architecture.patch_zyx}; "
         f"loss {type(parts.objective.loss).__name__}"
     )
+    if parts.init is not None:  # fine-tuning / adding datasets: the package and the head layout
+        from multitalent.train.components import describe_init
+
+        lines += describe_init(parts)
+        warnings += [f"init: {parts.init.error}"] if parts.init.error else []
     lines.append(
         f"optimiser: {type(parts.optimizer).__name__} lr {job.optimiser.lr} -> poly {s.poly_exponent}; "
         f"{s.epochs} epochs x {s.iterations_per_epoch} iterations; lr at the last epoch "

@@ -5,6 +5,15 @@ parts (network, optimizer, engine, objective, batches), restores the newest veri
 and runs :meth:`Trainer.fit`, a short loop whose logging, validation and checkpoint cadence are
 callbacks (:mod:`multitalent.train.callbacks`).
 
+Phases: the schedule (:mod:`multitalent.train.schedule`) is split into phases, each with its own
+optimiser (fine-tuning: heads only with AdamW, then the whole network with SGD). DeepSpeed wraps one
+optimiser per engine, and wrapping the same module a second time would leave the first engine's hooks
+on it (ZeRO-2 gradient hooks, ZeRO-3 partitioning), so a phase change builds a *new* module from the
+current fp32 master weights (``safe_get_full_fp32_param``; frozen parameters keep their assembled
+values), a new optimiser and a new engine (:meth:`Trainer._switch_phase`). A checkpoint records the
+phase that wrote it; resuming rebuilds that phase's engine before loading, so a resumed run continues
+exactly.
+
 Non-finite losses: every iteration all-reduces ``[loss, non-finite flag]`` (one tiny collective,
 also giving the global mean loss to log), so all ranks agree; a non-finite iteration on any rank is
 skipped by all (no backward, no optimizer step), counted, and the data moves on. More than
@@ -14,6 +23,8 @@ skipped by all (no backward, no optimizer step), counted, and the data moves on.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import secrets
 import tempfile
@@ -21,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +41,8 @@ from multitalent.train.batches import AugmentPlan, step_generator
 from multitalent.train.cadence import Cadence
 from multitalent.train.checkpoint import (
     DEEPSPEED_TAG,
+    MODEL_INFO_FILE,
+    PLAN_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
     TrainerState,
@@ -43,6 +56,9 @@ from multitalent.train.checkpoint import (
 )
 from multitalent.train.job import TrainJob
 from multitalent.train.step import StepInputs
+
+if TYPE_CHECKING:
+    from multitalent.train.schedule import Phase
 
 STOP_NONFINITE = "nonfinite"
 
@@ -108,6 +124,7 @@ class Trainer:
 
         self.job, self.worker, self.run_dir = job, worker, run_dir
         self.rank, self.world_size, self.device = worker.rank, worker.world_size, worker.device
+        job = self.job = self._pin_init(job)
         self.parts = assemble(job, rank=self.rank, world_size=self.world_size)
         assert self.parts.setup is not None
         self.setup = self.parts.setup
@@ -126,10 +143,14 @@ class Trainer:
 
             self.reduce = all_reduce_sum()
         self.schedule = self.parts.schedule
+        self.phase: Phase = self.schedule.phase_at(0)
         self.augment = self.parts.augment
         self.cadence = Cadence.of(job)
         self.state = TrainerState(
-            world_size=self.world_size, seed=job.run.seed, schedule=self.schedule.state_dict()
+            world_size=self.world_size,
+            seed=job.run.seed,
+            schedule=self.schedule.state_dict(),
+            phase=self.phase.name,
         )
         self.attempt = self._broadcast(secrets.token_hex(3))
         self.state.attempt = self.attempt
@@ -140,6 +161,80 @@ class Trainer:
         self.rejected_checkpoints: list[str] = []
         self.last_checkpoint_iteration = -1
         self.validation: ValidationResult | None = None
+        init = self.parts.init
+        # Tags of the MLflow run: the model this run started from (resolved version) and how.
+        self.lineage_tags: dict[str, str] = (
+            {"multitalent.parent_model": init.parent, "multitalent.init.transfer": init.transfer}
+            if init is not None and init.package is not None
+            else {}
+        )
+
+    def _pin_init(self, job: TrainJob) -> TrainJob:
+        """Resolve an ``init.model`` alias once (rank 0) and give every rank the same version."""
+        if job.init is None or "@" not in job.init.model:
+            return job
+        pinned = None
+        if self.rank == 0:
+            from multitalent.registry.store import ModelRef, resolve
+            from multitalent.train.components import init_tracking_uri
+
+            r = resolve(ModelRef.parse(job.init.model), tracking_uri=init_tracking_uri(job))
+            pinned = f"models:/{r.name}/{r.version}"
+            print(f"[multitalent] init: {job.init.model} is {pinned}", flush=True)
+        pinned = self._broadcast(pinned)
+        return job.model_copy(update={"init": job.init.model_copy(update={"model": pinned})})
+
+    # ------------------------------------------------------------------ phases
+    def _fp32_parameters(self) -> dict[str, torch.Tensor]:
+        """The fp32 master value of every parameter (collective under ZeRO-3: call on all ranks).
+
+        Parameters outside the optimiser (frozen) have never changed: their assembled values.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        initial = (self.parts.init.initial_parameters if self.parts.init else None) or {}
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.engine.module.named_parameters():
+            value = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if value is None:
+                if name not in initial:
+                    raise RuntimeError(f"no fp32 value for the frozen parameter {name}")
+                value = initial[name]
+            out[name] = value.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def _switch_phase(self, phase: Phase) -> None:
+        """A new module (from the fp32 master weights), optimiser and DeepSpeed engine for ``phase``."""
+        from multitalent.distributed.engine import build_engine
+        from multitalent.registry.package import load_weights_into
+        from multitalent.train.components import build_model, deepspeed_config, phase_deepspeed_config
+        from multitalent.train.schedule import build_phase_optimizer
+
+        weights = self._fp32_parameters()
+        with torch.random.fork_rng(devices=[]):  # building a module draws initial weights: keep the RNG
+            model = build_model(self.job, self.catalog, self.parts.spacing_zyx_mm)
+        load_weights_into(model, weights, where=f"phase {phase.name}")
+        optimizer = build_phase_optimizer(
+            model, phase, self.job.optimiser, lr=self.schedule.lr_at(phase.start)
+        )
+        self.engine = None
+        self.engine = build_engine(
+            model,
+            optimizer,
+            config=phase_deepspeed_config(deepspeed_config(self.job), clip=phase.clip),
+            use_gpu=self.worker.use_gpu,
+        )
+        self.phase = phase
+        self.state.phase = phase.name
+        if self.rank == 0:
+            print(f"[multitalent] phase {phase.name}: iterations {phase.start}-{phase.stop - 1}", flush=True)
+
+    def _phase_named(self, name: str) -> Phase:
+        for i in range(0, self.job.schedule.total_iterations, self.job.schedule.iterations_per_epoch):
+            phase = self.schedule.phase_at(i)
+            if phase.name == name:
+                return phase
+        raise RuntimeError(f"the schedule has no phase {name!r}")
 
     # ------------------------------------------------------------------ collectives
     def _broadcast(self, value: Any) -> Any:
@@ -171,6 +266,8 @@ class Trainer:
                 "resume with the same workers.num_workers"
             )
         self.schedule.check_state(state.schedule, where=str(folder))
+        if state.phase and state.phase != self.phase.name:
+            self._switch_phase(self._phase_named(state.phase))  # the engine that wrote the checkpoint
         path, _ = self.engine.load_checkpoint(
             str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
@@ -197,6 +294,8 @@ class Trainer:
         for cb in callbacks:
             cb.on_start(self)
         for i, batch in self.parts.batches(self.state.iteration, self.stop_iteration):
+            if self.schedule.phase_at(i).name != self.phase.name:
+                self._switch_phase(self.schedule.phase_at(i))
             for cb in callbacks:
                 cb.on_step_start(self, i, batch)
             result = self.step(i, batch)
@@ -262,6 +361,8 @@ class Trainer:
             torch.save(torch.get_rng_state(), folder / _rank_rng_file(self.rank))
             if self.rank == 0:
                 torch.save(weights, folder / WEIGHTS_FILE)
+                self.setup.plan.save(folder / PLAN_FILE)
+                (folder / MODEL_INFO_FILE).write_text(json.dumps(self.model_info(), indent=1, default=str))
                 save_history(folder, np.asarray(self.loss_iterations), np.asarray(self.losses))
                 (folder / STATE_FILE).write_text(self.state.to_json())
             write_rank_manifest(folder, self.rank)
@@ -271,6 +372,54 @@ class Trainer:
                 checkpoint_dir_name=name,
             )
         self.last_checkpoint_iteration = self.state.iteration
+
+    def model_info(self) -> dict[str, Any]:
+        """What publishing needs besides the weights (written into every checkpoint by rank 0)."""
+        from collections import Counter
+
+        from multitalent.train.launch import tracking_uri
+
+        init = self.parts.init
+        return {
+            "architecture": self.parts.model.build_kwargs(),  # type: ignore[operator]
+            "catalog": self.catalog.to_dict(),
+            "cases": {
+                "train": dict(Counter(c.dataset_id for c in self.setup.train_cases)),
+                "val": dict(Counter(c.dataset_id for c in self.setup.val_cases)),
+            },
+            "validation": dict(self.validation.metrics) if self.validation is not None else {},
+            "training": {
+                "optimiser": self.job.optimiser.model_dump(),
+                "schedule": self.schedule.state_dict(),
+                "global_batch": self.job.batch.global_size,
+                "workers": self.world_size,
+                "zero_stage": self.job.zero_stage,
+                "precision": self.parts.precision,
+                "iterations_done": self.state.iteration,
+                "seed": self.job.run.seed,
+            },
+            "parent": init.parent if init is not None and init.package is not None else None,
+            "tracking_uri": tracking_uri(self.job),
+            "run_name": self.job.run.name,
+            "git_commit": _git_commit(),
+        }
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _augment(inputs: StepInputs, plan: AugmentPlan, generator: torch.Generator) -> StepInputs:
