@@ -47,6 +47,7 @@ def resolve_run(path: Path) -> Any:
     from multitalent.inference.model import ModelFiles, file_sha256, network_arguments, read_json
     from multitalent.preprocess import Plan
     from multitalent.train.checkpoint import (
+        MODEL_INFO_FILE,
         RUN_ID_FILE,
         WEIGHTS_FILE,
         choose_resume,
@@ -70,6 +71,33 @@ def resolve_run(path: Path) -> Any:
     run_id = choice.state.mlflow_run_id
     if run_id is None and (run_dir / RUN_ID_FILE).is_file():
         run_id = (run_dir / RUN_ID_FILE).read_text().strip() or None
+    info_file, plan_file = choice.folder / MODEL_INFO_FILE, choice.folder / PLAN_FILE
+    if info_file.is_file() and plan_file.is_file():
+        # Checkpoints carry the network's arguments, the label space and the plan themselves: no
+        # MLflow store needed (wherever it lives, or with tracking off).
+        info = read_json(info_file, "the checkpoint's model description")
+        network = {
+            k: v
+            for k, v in info["architecture"].items()
+            if k not in ("deep_supervision", "gradient_checkpointing")
+        }
+        sha = file_sha256(weights)
+        return ModelFiles(
+            weights=weights,
+            network=network,
+            plan=Plan.load(plan_file),
+            catalog=Catalog.from_dict(info["catalog"]),
+            source={
+                "id": f"sha256:{sha[:16]}",
+                "kind": "training run",
+                "run_dir": str(run_dir),
+                "checkpoint": choice.folder.name,
+                "iteration": choice.state.iteration,
+                "mlflow_run_id": run_id,
+                "weights_sha256": sha,
+                "rejected_checkpoints": choice.rejected,
+            },
+        )
     art = next(
         (d for d in _artifact_dirs(run_dir, run_id) if all((d / f).is_file() for f in ARTIFACT_FILES)), None
     )

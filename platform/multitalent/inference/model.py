@@ -8,7 +8,6 @@ loaded with ``torch.load(weights_only=True)``: no pickled code runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,11 +81,9 @@ def network_arguments(description: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from multitalent.shards import file_sha256 as sha256_of_file
+
+    return sha256_of_file(path)
 
 
 @dataclass
