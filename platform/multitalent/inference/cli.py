@@ -96,6 +96,7 @@ def resolve_run(path: Path) -> Any:
                 "mlflow_run_id": run_id,
                 "weights_sha256": sha,
                 "rejected_checkpoints": choice.rejected,
+                "laterality": info.get("training", {}).get("laterality", "naive"),
             },
         )
     art = next(

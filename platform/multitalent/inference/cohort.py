@@ -131,12 +131,32 @@ def is_finished(case_dir: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------- one case
+def mirroring_for(model: ModelFiles, settings: PredictSettings) -> tuple[PredictSettings, list[int] | None]:
+    """Test-time mirroring that matches how the model was trained (``data.augmentation.laterality``):
+    ``swap`` flips along x and swaps the catalog's left/right channels back; ``off`` never flips along
+    x; ``naive`` (and models trained before the setting existed) flips along x without a swap."""
+    from dataclasses import replace
+
+    from multitalent.catalog import lateral_swap
+
+    mode = str(model.source.get("laterality", "naive"))
+    if mode == "off":
+        return replace(settings, mirror_axes=tuple(a for a in settings.mirror_axes if a != 2)), None
+    if mode == "swap":
+        swap = [int(k) for k in lateral_swap(model.catalog)]
+        return settings, None if swap == list(range(len(swap))) else swap
+    return settings, None
+
+
 class CaseRunner:
     """One loaded model predicting case after case (in the driver, or inside a Ray actor)."""
 
     def __init__(self, model: ModelFiles, settings: PredictSettings) -> None:
+        settings, lr_permutation = mirroring_for(model, settings)
         self.settings = settings
-        self.predictor = Predictor(load_model(model, device=settings.resolved_device()), settings)
+        self.predictor = Predictor(
+            load_model(model, device=settings.resolved_device()), settings, lr_permutation=lr_permutation
+        )
 
     def run(
         self,

@@ -397,6 +397,8 @@ class Trainer:
                 "precision": self.parts.precision,
                 "iterations_done": self.state.iteration,
                 "seed": self.job.run.seed,
+                # how left-right mirroring treated paired classes; predict's mirroring follows it
+                "laterality": self.job.data.augmentation.laterality,
             },
             "parent": init.parent if init is not None and init.package is not None else None,
             "tracking_uri": tracking_uri(self.job),
