@@ -11,8 +11,6 @@ to preprocess and what the channels mean. A checkpoint folder itself is accepted
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,21 +124,45 @@ def resolve_run(path: Path) -> Any:
     )
 
 
+def resolve_package(spec: str) -> Any:
+    """:class:`~multitalent.inference.model.ModelFiles` of a model package folder or a ``models:/`` URI.
+
+    Registry URIs resolve against ``MLFLOW_TRACKING_URI``, else the default store of the jobs' storage
+    path, ``sqlite:///runs/mlflow.db`` (relative to the current directory).
+    """
+    import os
+
+    from multitalent.inference.model import ModelFiles
+    from multitalent.registry import PackageError, RegistryError, load_package
+
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+    try:
+        package = load_package(spec, tracking_uri=tracking)
+    except (PackageError, RegistryError) as e:
+        raise ModelNotFound(str(e)) from None
+    build = package.architecture["build"]
+    training_only = ("deep_supervision", "gradient_checkpointing")
+    return ModelFiles(
+        weights=package.folder / "weights.safetensors",
+        network={k: v for k, v in build.items() if k not in training_only},
+        plan=package.plan,
+        catalog=package.catalog,
+        source={
+            "id": f"package:{package.digest[:16]}",
+            "kind": "model package",
+            "uri": spec,
+            "resolved": package.source,
+            "version": package.version,
+            "manifest_digest": package.digest,
+            "laterality": package.architecture.get("laterality", "naive"),
+        },
+    )
+
+
 def resolve_model(spec: str) -> Any:
-    """A run folder, a checkpoint folder, or (with ``multitalent.registry``) a model package/URI."""
-    if importlib.util.find_spec("multitalent.registry") is not None:
-        registry = importlib.import_module("multitalent.registry")
-        resolver = getattr(registry, "inference_model_files", None)
-        if resolver is not None and (
-            spec.startswith("models:/") or not (Path(spec) / "mlartifacts").exists()
-        ):
-            try:
-                return resolver(spec)
-            except (FileNotFoundError, ValueError):
-                if spec.startswith("models:/"):
-                    raise
-    if spec.startswith("models:/"):
-        raise ModelNotFound(f"{spec}: model registry URIs need multitalent.registry (not installed yet)")
+    """A training run folder, one checkpoint folder, a model package folder, or a ``models:/`` URI."""
+    if spec.startswith("models:/") or (Path(spec) / "manifest.json").is_file():
+        return resolve_package(spec)
     return resolve_run(Path(spec))
 
 

@@ -132,6 +132,15 @@ def load_model(files: ModelFiles, *, device: str | torch.device = "cpu") -> Load
         raise ModelError(f"{files.weights}: weights file missing")
     args = dict(files.network)
     network = build_network(args.pop("arch"), args.pop("heads"), deep_supervision=False, **args)
+    if Path(files.weights).suffix == ".safetensors":  # a model package (verified when it was opened)
+        from multitalent.registry import PackageError, open_package
+
+        try:
+            open_package(Path(files.weights).parent).load_into(network)
+        except (PackageError, RuntimeError) as e:
+            raise ModelError(f"{files.weights}: {e}") from None
+        network.eval().to(device)
+        return LoadedModel(network, files)
     try:
         state = torch.load(files.weights, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -227,8 +227,12 @@ def write_package(
     plan: Plan,
     catalog: Catalog,
     card: ModelCard,
+    laterality: str = "naive",
 ) -> Path:
     """Write a package of ``model``'s architecture with the fp32 ``state_dict`` into the new folder ``out``.
+
+    ``laterality``: how training mirrored left-right paired classes (``data.augmentation.laterality``),
+    recorded in ``architecture.json`` so prediction mirrors the same way.
 
     The files are written into a hidden sibling folder that is renamed to ``out`` when complete, so
     ``out`` never holds a partial package.
@@ -256,6 +260,7 @@ def write_package(
         "schema_version": SCHEMA_VERSION,
         "build": model.build_kwargs(),
         "description": model.describe(),
+        "laterality": laterality,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")

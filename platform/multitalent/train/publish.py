@@ -117,6 +117,7 @@ def package_from_checkpoint(ckpt: RunCheckpoint, out: str | Path) -> Path:
         plan=Plan.load(ckpt.folder / PLAN_FILE),
         catalog=Catalog.from_dict(info["catalog"]),
         card=card,
+        laterality=str(info["training"].get("laterality", "naive")),
     )
 
 
