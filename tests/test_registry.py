@@ -311,3 +311,34 @@ def test_package_layout_and_card(package):
     card = (package / "MODEL_CARD.md").read_text()
     assert "| P01 Phantom liver (MSD) | 0-1 | 2 | 4 | 0 |" in card and "P01/liver | 0.5000" in card
     assert Plan.load(package / "plan.json") == pkg.plan
+
+
+def test_a_package_predicts_through_the_inference_path(package):
+    """``multitalent predict --model PACKAGE`` rebuilds the network from the package's JSON and loads
+    its safetensors (no pickle): the same outputs as the packaged network; laterality follows it."""
+    from multitalent.catalog import lateral_swap
+    from multitalent.inference.cli import resolve_model
+    from multitalent.inference.cohort import mirroring_for
+    from multitalent.inference.model import load_model
+    from multitalent.inference.predictor import PredictSettings
+    from multitalent.registry import open_package
+
+    files = resolve_model(str(package))
+    assert files.source["kind"] == "model package" and files.source["laterality"] == "naive"
+    loaded = load_model(files)
+    reference = open_package(package).load_network()
+    x = torch.randn(1, 1, *PATCH)
+    with torch.no_grad():
+        expected = reference(x)
+        expected = expected[0] if isinstance(expected, list | tuple) else expected
+        torch.testing.assert_close(loaded.network(x), expected, rtol=0, atol=0)
+    settings, swap = mirroring_for(files, PredictSettings())
+    assert swap is None and settings.mirror_axes == (0, 1, 2)  # naive: flip x, no channel swap
+    from dataclasses import replace
+
+    files = replace(files, source={**files.source, "laterality": "swap"})
+    _, swap = mirroring_for(files, PredictSettings())
+    assert swap == [int(k) for k in lateral_swap(files.catalog)] and swap != sorted(swap)
+    files = replace(files, source={**files.source, "laterality": "off"})
+    settings, _ = mirroring_for(files, PredictSettings())
+    assert settings.mirror_axes == (0, 1)
