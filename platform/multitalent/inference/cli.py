@@ -69,34 +69,31 @@ def resolve_run(path: Path) -> Any:
     run_id = choice.state.mlflow_run_id
     if run_id is None and (run_dir / RUN_ID_FILE).is_file():
         run_id = (run_dir / RUN_ID_FILE).read_text().strip() or None
+    sha = file_sha256(weights)
+    source = {
+        "id": f"sha256:{sha[:16]}",
+        "kind": "training run",
+        "run_dir": str(run_dir),
+        "checkpoint": choice.folder.name,
+        "iteration": choice.state.iteration,
+        "mlflow_run_id": run_id,
+        "weights_sha256": sha,
+        "rejected_checkpoints": choice.rejected,
+    }
     info_file, plan_file = choice.folder / MODEL_INFO_FILE, choice.folder / PLAN_FILE
     if info_file.is_file() and plan_file.is_file():
         # Checkpoints carry the network's arguments, the label space and the plan themselves: no
         # MLflow store needed (wherever it lives, or with tracking off).
         info = read_json(info_file, "the checkpoint's model description")
-        network = {
-            k: v
-            for k, v in info["architecture"].items()
-            if k not in ("deep_supervision", "gradient_checkpointing")
-        }
-        sha = file_sha256(weights)
+        training_only = ("deep_supervision", "gradient_checkpointing")
         return ModelFiles(
             weights=weights,
-            network=network,
+            network={k: v for k, v in info["architecture"].items() if k not in training_only},
             plan=Plan.load(plan_file),
             catalog=Catalog.from_dict(info["catalog"]),
-            source={
-                "id": f"sha256:{sha[:16]}",
-                "kind": "training run",
-                "run_dir": str(run_dir),
-                "checkpoint": choice.folder.name,
-                "iteration": choice.state.iteration,
-                "mlflow_run_id": run_id,
-                "weights_sha256": sha,
-                "rejected_checkpoints": choice.rejected,
-                "laterality": info.get("training", {}).get("laterality", "naive"),
-            },
+            source={**source, "laterality": info.get("training", {}).get("laterality", "naive")},
         )
+    # Checkpoints written before they carried model_info.json: the run's MLflow artifacts.
     art = next(
         (d for d in _artifact_dirs(run_dir, run_id) if all((d / f).is_file() for f in ARTIFACT_FILES)), None
     )
@@ -105,22 +102,12 @@ def resolve_run(path: Path) -> Any:
             f"{run_dir}: none of {', '.join(str(d) for d in _artifact_dirs(run_dir, run_id))} holds "
             f"{', '.join(ARTIFACT_FILES)} (logged by a training run with tracking enabled)"
         )
-    sha = file_sha256(weights)
     return ModelFiles(
         weights=weights,
         network=network_arguments(read_json(art / "model.json", "the network description")),
         plan=Plan.load(art / PLAN_FILE),
         catalog=Catalog.from_dict(read_json(art / "label_space.json", "the label space")),
-        source={
-            "id": f"sha256:{sha[:16]}",
-            "kind": "training run",
-            "run_dir": str(run_dir),
-            "checkpoint": choice.folder.name,
-            "iteration": choice.state.iteration,
-            "mlflow_run_id": run_id,
-            "weights_sha256": sha,
-            "rejected_checkpoints": choice.rejected,
-        },
+        source=source,
     )
 
 
