@@ -4,8 +4,6 @@ collection with the package's plan reuses every case already converted."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -81,28 +79,10 @@ def test_a_catalog_that_does_not_start_with_the_packages_is_refused(phantom_shar
         assemble(expand_job(phantom_shards, tmp_path, package), world_size=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def process_group():
-    import torch.distributed as dist
-
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    env["MASTER_PORT"] = str(_free_port())
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def process_group(gloo_group):
+    """A one-process gloo group (tests/conftest.py ``gloo_group``)."""
     yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_training_the_enlarged_network_continues(process_group, old_package, phantom_shards, tmp_path):
