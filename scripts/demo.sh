@@ -5,6 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 .venv/bin/multitalent convert jobs/convert.yaml "$@"
-.venv/bin/multitalent train jobs/demo_cpu.yaml
-echo
-echo "MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/runs/demo-cpu/mlflow.db"
+.venv/bin/multitalent train jobs/demo_cpu.yaml  # ends with the Dice table and the `mlflow ui` command
