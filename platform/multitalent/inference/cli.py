@@ -253,8 +253,9 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         keys = request.class_keys()
+        where = model.source.get("checkpoint") or model.source.get("resolved", "")
         print(
-            f"model {model.model_id} ({model.source.get('kind', '?')} {model.source.get('checkpoint', '')}); "
+            f"model {model.model_id} ({model.source.get('kind', '?')} {where}); "
             f"{len(inputs)} scan(s); {len(keys)} classes of {len({k.split(':')[0] for k in keys})} dataset(s)"
         )
         if job.ray.enabled:

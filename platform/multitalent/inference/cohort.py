@@ -233,17 +233,23 @@ def _finish(request: CohortRequest, summary: CohortSummary, t0: float) -> Cohort
 
 
 # ------------------------------------------------------------------------------------ in process
-def predict_local(request: CohortRequest, *, log: Callable[[str], None] = print) -> CohortSummary:
-    """Predict every input in this process, one model load, a progress bar per case and for the cohort."""
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
+def _start(request: CohortRequest, log: Callable[[str], None]) -> tuple[CohortSummary, Any]:
+    """Check ``OUT``, create it, and list the cases still to predict (finished ones are skipped)."""
     check_output(request)
     request.out.mkdir(parents=True, exist_ok=True)
     summary = CohortSummary(request.out)
     todo = _pending(request, summary)
     if summary.skipped:
         log(f"{len(summary.skipped)} case(s) already predicted by this model: skipped")
+    return summary, todo
+
+
+def predict_local(request: CohortRequest, *, log: Callable[[str], None] = print) -> CohortSummary:
+    """Predict every input in this process, one model load, a progress bar per case and for the cohort."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    summary, todo = _start(request, log)
     if not todo:
         return _finish(request, summary, t0)
     runner = CaseRunner(request.model, request.settings)
@@ -303,12 +309,7 @@ def predict_ray(
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    check_output(request)
-    request.out.mkdir(parents=True, exist_ok=True)
-    summary = CohortSummary(request.out)
-    todo = _pending(request, summary)
-    if summary.skipped:
-        log(f"{len(summary.skipped)} case(s) already predicted by this model: skipped")
+    summary, todo = _start(request, log)
     if not todo:
         return _finish(request, summary, t0)
     settings = {**asdict(request.settings), "mirror_axes": list(request.settings.mirror_axes)}
