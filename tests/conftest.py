@@ -84,3 +84,13 @@ def gloo_group():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3-API server on 127.0.0.1 for the module's tests (see tests/s3_server.py)."""
+    from s3_server import S3Server
+
+    server = S3Server(log_path=tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()
