@@ -23,6 +23,7 @@ import numpy as np
 from multitalent.catalog import Catalog, GlobalClass
 from multitalent.inference.export import InverseGeometry, restore_label_map, restore_mask
 from multitalent.inference.model import LoadedModel
+from multitalent.inference.probability_store import SparseProbabilities
 from multitalent.preprocess import preprocess_image
 from multitalent.rawio import read_volume
 
@@ -30,6 +31,8 @@ from multitalent.rawio import read_volume
 SPACING_WARN_FACTOR = 3.0
 # voxel axes further than this from the nearest world axis (degrees) earn a warning
 OBLIQUE_WARN_DEG = 10.0
+# the ring of patch rows the sliding window blends in is kept in float16 past this size (float32 below)
+FLOAT32_BAND_LIMIT_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ def geometry_warnings(
 class CasePrediction:
     """Probabilities of the selected classes on the preprocessed grid, and the way back."""
 
-    probs_kzyx: Any  # torch tensor (K_selected, z, y, x)
+    probs_kzyx: SparseProbabilities  # (K_selected, z, y, x), each class kept only where it is not ~0
     classes: list[GlobalClass]
     geometry: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
@@ -158,11 +161,7 @@ class Predictor:
         """Probabilities of ``classes`` for a stored ``(i, j, k)`` image and its affine."""
         import torch
 
-        from multitalent.inference.sliding_window import (
-            SlidingWindowSettings,
-            mirrored_probabilities,
-            sliding_window,
-        )
+        from multitalent.inference.sliding_window import SlidingWindowSettings, mirrored_probabilities, stitch
 
         t0 = time.perf_counter()
         plan = self.model.plan
@@ -171,13 +170,15 @@ class Predictor:
         warnings = geometry_warnings(affine, spacing, plan.target_spacing_zyx_mm)
         x = torch.from_numpy(plan.normalization.apply(image_zyx))[None].to(self.device)
         on_gpu = self.device.startswith("cuda")
+        band_bytes = 4 * len(classes) * self.model.patch_zyx[0] * x.shape[2] * x.shape[3]
+        half = on_gpu or band_bytes > FLOAT32_BAND_LIMIT_BYTES
         settings = SlidingWindowSettings(
             patch_zyx=self.model.patch_zyx,
             step=self.settings.step,
             batch_size=self.settings.batch_size,
             pad_value=plan.normalization.air,
             precision=self.precision,
-            accumulate_dtype=torch.float16 if on_gpu else torch.float32,
+            accumulate_dtype=torch.float16 if half else torch.float32,
         )
         predict = mirrored_probabilities(
             self.model.network,
@@ -185,7 +186,8 @@ class Predictor:
             lr_permutation=self.lr_permutation,
             channels=[c.index for c in classes],
         )
-        probs = sliding_window(predict, x, settings, progress=progress)
+        probs = SparseProbabilities.empty(len(classes), x.shape[1:])
+        stitch(predict, x, settings, sink=probs.add_slab, progress=progress)
         return CasePrediction(probs, list(classes), geometry, warnings, time.perf_counter() - t0)
 
     def predict_file(
@@ -222,7 +224,7 @@ class Predictor:
         for dataset_id, channels in by_dataset.items():
             values = [pred.classes[j].raw_values for j in channels]
             result = restore_label_map(
-                pred.probs_kzyx[channels], values, geometry, threshold=self.settings.threshold
+                pred.probs_kzyx.select(channels), values, geometry, threshold=self.settings.threshold
             )
             write_like(result.label, header, out_dir / f"{dataset_id}.nii.gz")
             written.append(f"{dataset_id}.nii.gz")

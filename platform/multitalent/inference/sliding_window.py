@@ -17,9 +17,12 @@ supervision, is read at its first, full-resolution entry); nothing here knows tr
   forward passes for all three axes. ``sigmoid(x) > 0.5 <=> x > 0`` only holds for one pass, so the
   averaging is over probabilities.
 
-Memory: the stitched output ``(K, z, y, x)`` lives on ``out_device`` in ``accumulate_dtype``
-(float32 by default; float16 halves it, as nnU-Net accumulates on the GPU), plus one float32 map
-of the weights. Select the channels you need (``channels``) to keep ``K`` small.
+Memory: windows go z-slowest, and the blend is kept only for the rows windows still write to, a
+ring of ``patch_z`` rows (``K * patch_z * y * x`` in ``accumulate_dtype``: float32, or float16 as
+nnU-Net accumulates on the GPU). Finished slabs go to a sink (:func:`stitch`): the dense
+:func:`sliding_window` concatenates them; the predictor keeps them as
+:class:`~multitalent.inference.probability_store.SparseProbabilities`, each class only inside the
+box where it is not ~0, so the full ``(K, z, y, x)`` volume is never held.
 """
 
 from __future__ import annotations
@@ -203,7 +206,142 @@ def _batches(items: list[tuple[slice, ...]], n: int) -> Iterator[list[tuple[slic
         yield items[i : i + n]
 
 
+# A finished slab: ``(z0, probs)`` with ``probs`` of shape ``(K, dz, y, x)`` (unpadded coordinates,
+# float32 or the accumulation dtype) covering rows ``[z0, z0 + dz)`` of the volume.
+SlabSink = Callable[[int, torch.Tensor], None]
+
+
+class _Band:
+    """The rows of the stitched volume that windows still write to: a ring of ``patch_z`` rows.
+
+    Windows go z-slowest; once every window starting at row ``z`` has been added, the rows below the
+    next start are final and leave the ring. Memory is ``K * patch_z * y * x`` in the accumulation
+    dtype instead of ``K * z * y * x``.
+    """
+
+    def __init__(self, k: int, height: int, yx: tuple[int, int], *, dtype: torch.dtype, device: torch.device):
+        self.height = height
+        self.values = torch.zeros((k, height, *yx), dtype=dtype, device=device)
+        self.weights = torch.zeros((height, *yx), dtype=torch.float32, device=device)
+        self.z0 = 0  # the first row the ring holds
+
+    def _pieces(self, z_from: int, z_to: int) -> list[tuple[slice, slice]]:
+        """``(ring rows, offsets into [z_from, z_to))``: at most two pieces (the ring wraps)."""
+        out = []
+        z = z_from
+        while z < z_to:
+            r = z % self.height
+            n = min(z_to - z, self.height - r)
+            out.append((slice(r, r + n), slice(z - z_from, z - z_from + n)))
+            z += n
+        return out
+
+    def add(self, y_kzyx: torch.Tensor, window: tuple[slice, ...], gauss_zyx: torch.Tensor) -> None:
+        zs, ys, xs = window
+        for ring, local in self._pieces(int(zs.start), int(zs.stop)):
+            region = self.values[:, ring, ys, xs]
+            g = gauss_zyx[local]
+            if region.dtype == torch.float32:
+                region.addcmul_(y_kzyx[:, local], g)  # no temporary
+            else:
+                region += (y_kzyx[:, local] * g).to(region.dtype)
+            self.weights[ring, ys, xs] += g
+
+    def release(self, z_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[z0, z_to)`` as ``(sums (K, dz, y, x), weights (dz, y, x))`` copies; zeroed in the ring."""
+        parts_v, parts_w = [], []
+        for ring, _ in self._pieces(self.z0, z_to):
+            parts_v.append(self.values[:, ring].clone())
+            parts_w.append(self.weights[ring].clone())
+            self.values[:, ring] = 0
+            self.weights[ring] = 0
+        self.z0 = z_to
+        return torch.cat(parts_v, dim=1), torch.cat(parts_w, dim=0)
+
+
+def _divide(sums: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if sums.dtype == torch.float32:
+        return sums.div_(weights)
+    # half precision: divide in chunks of channels, no float32 copy of the whole slab
+    for k0 in range(0, sums.shape[0], 16):
+        chunk = sums[k0 : k0 + 16]
+        chunk.copy_((chunk.float() / weights).to(sums.dtype))
+    return sums
+
+
 @torch.inference_mode()
+def stitch(
+    predict: Callable[[torch.Tensor], torch.Tensor] | Network,
+    image_czyx: torch.Tensor,
+    settings: SlidingWindowSettings,
+    *,
+    sink: SlabSink,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Stitch ``predict`` over windows of ``image_czyx`` and hand each finished z-slab to ``sink``.
+
+    Windows go z-slowest; the blend lives in a ring of ``patch_z`` rows (:class:`_Band`), so the
+    working memory is that ring, whatever the volume's depth. Slabs arrive in order, cropped to the
+    unpadded volume, on ``out_device`` in ``accumulate_dtype``, already divided by the summed weights.
+    Returns the number of output channels.
+    """
+    if image_czyx.ndim != 4:
+        raise ValueError(f"image must be (C, z, y, x), got shape {tuple(image_czyx.shape)}")
+    device = image_czyx.device
+    out_device = torch.device(settings.out_device) if settings.out_device else device
+    patch = settings.patch_zyx
+    shape = tuple(int(s) for s in image_czyx.shape[1:])
+    pads = padding_for(shape, patch)
+    x = image_czyx
+    if any(a or b for a, b in pads):
+        flat = [v for a, b in reversed(pads) for v in (a, b)]
+        x = torch.nn.functional.pad(x, flat, mode="constant", value=settings.pad_value)
+    padded = tuple(int(s) for s in x.shape[1:])
+    windows = window_slices(padded, patch, settings.step)
+    gauss = gaussian_importance_map(patch, sigma_scale=settings.sigma_scale, device=out_device)
+    crop_yx = tuple(slice(a, a + n) for (a, _), n in zip(pads[1:], shape[1:]))
+    z_lo, z_hi = pads[0][0], pads[0][0] + shape[0]
+
+    def emit(sums: torch.Tensor, weights: torch.Tensor, z_from: int) -> None:
+        a, b = max(z_from, z_lo), min(z_from + sums.shape[1], z_hi)
+        if b <= a:
+            return
+        rows = slice(a - z_from, b - z_from)
+        sink(a - z_lo, _divide(sums[:, rows, crop_yx[0], crop_yx[1]].contiguous(), weights[rows, *crop_yx]))
+
+    rows: dict[int, list[tuple[slice, ...]]] = {}
+    for w in windows:
+        rows.setdefault(int(w[0].start), []).append(w)
+    band: _Band | None = None
+    done = 0
+    for z_start in sorted(rows):
+        if band is not None and z_start > band.z0:
+            z_from = band.z0
+            emit(*band.release(z_start), z_from)
+        for batch in _batches(rows[z_start], settings.batch_size):
+            xb = torch.stack([x[(slice(None), *w)] for w in batch])
+            with _autocast(device, settings.precision):
+                yb = _first_output(predict(xb))
+            yb = yb.to(out_device, torch.float32)
+            if band is None:
+                band = _Band(
+                    int(yb.shape[1]),
+                    patch[0],
+                    (padded[1], padded[2]),
+                    dtype=settings.accumulate_dtype,
+                    device=out_device,
+                )
+            for y, w in zip(yb, batch):
+                band.add(y, w, gauss)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(windows))
+    assert band is not None
+    z_from = band.z0
+    emit(*band.release(padded[0]), z_from)
+    return int(band.values.shape[0])
+
+
 def sliding_window(
     predict: Callable[[torch.Tensor], torch.Tensor] | Network,
     image_czyx: torch.Tensor,
@@ -223,50 +361,8 @@ def sliding_window(
 
     Returns:
         The Gaussian-weighted mean prediction, ``settings.accumulate_dtype`` on ``out_device``.
+        For many classes use :func:`stitch` with a compact sink (``SparseProbabilities``) instead.
     """
-    if image_czyx.ndim != 4:
-        raise ValueError(f"image must be (C, z, y, x), got shape {tuple(image_czyx.shape)}")
-    device = image_czyx.device
-    out_device = torch.device(settings.out_device) if settings.out_device else device
-    patch = settings.patch_zyx
-    shape = tuple(int(s) for s in image_czyx.shape[1:])
-    pads = padding_for(shape, patch)
-    x = image_czyx
-    if any(a or b for a, b in pads):
-        flat = [v for a, b in reversed(pads) for v in (a, b)]
-        x = torch.nn.functional.pad(x, flat, mode="constant", value=settings.pad_value)
-    padded = tuple(int(s) for s in x.shape[1:])
-    windows = window_slices(padded, patch, settings.step)
-    gauss = gaussian_importance_map(patch, sigma_scale=settings.sigma_scale, device=out_device)
-    weights = torch.zeros(padded, dtype=torch.float32, device=out_device)
-    out: torch.Tensor | None = None
-    done = 0
-    for batch in _batches(windows, settings.batch_size):
-        xb = torch.stack([x[(slice(None), *w)] for w in batch])
-        with _autocast(device, settings.precision):
-            yb = _first_output(predict(xb))
-        yb = yb.to(out_device, torch.float32)
-        if out is None:
-            out = torch.zeros((yb.shape[1], *padded), dtype=settings.accumulate_dtype, device=out_device)
-        for y, w in zip(yb, batch):
-            region = out[(slice(None), *w)]
-            if region.dtype == torch.float32:
-                region.addcmul_(y, gauss)  # no temporary
-            else:
-                region += (y * gauss).to(region.dtype)
-            weights[w] += gauss
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(windows))
-    assert out is not None
-    crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
-    out = out[(slice(None), *crop)]
-    w_crop = weights[crop]
-    # half-precision outputs are divided in chunks of channels: no float32 copy of the whole output
-    if out.dtype == torch.float32:
-        out.div_(w_crop)
-    else:
-        for k0 in range(0, out.shape[0], 16):
-            chunk = out[k0 : k0 + 16]
-            chunk.copy_((chunk.float() / w_crop).to(out.dtype))
-    return out.contiguous() if any(a or b for a, b in pads) else out
+    slabs: list[tuple[int, torch.Tensor]] = []
+    stitch(predict, image_czyx, settings, sink=lambda z0, p: slabs.append((z0, p)), progress=progress)
+    return torch.cat([p for _, p in slabs], dim=1)
