@@ -158,7 +158,7 @@ def _dense_reference(predict, x, patch, step=0.5):
 @pytest.mark.parametrize("shape", [(45, 20, 24), (8, 12, 16), (13, 12, 16)])
 def test_ring_of_patch_rows_equals_the_whole_volume_blend(shape):
     """Deep volumes wrap the ring of patch_z rows many times; slabs come out in order and complete."""
-    from multitalent.inference.sliding_window import stitch
+    from multitalent.inference.sliding_window import divide_slab, stitch
 
     net = small_net(3, k=4)
     x = torch.randn(1, *shape)
@@ -167,7 +167,10 @@ def test_ring_of_patch_rows_equals_the_whole_volume_blend(shape):
         expected = _dense_reference(net, x, patch)
     slabs = []
     k = stitch(
-        net, x, SlidingWindowSettings(patch_zyx=patch, batch_size=2), sink=lambda z0, p: slabs.append((z0, p))
+        net,
+        x,
+        SlidingWindowSettings(patch_zyx=patch, batch_size=2),
+        sink=lambda z0, s, w: slabs.append((z0, divide_slab(s, w))),
     )
     assert k == 4
     assert [z0 for z0, _ in slabs] == sorted(z0 for z0, _ in slabs)

@@ -47,25 +47,31 @@ class SparseProbabilities:
         z, y, x = (int(n) for n in shape_zyx)
         return cls(shape=(int(k), z, y, x), floor=floor, _blocks=[[] for _ in range(int(k))])
 
-    def add_slab(self, z0: int, probs_kzyx: torch.Tensor) -> None:
-        """Keep rows ``[z0, z0 + dz)`` of every class (a sink for ``stitch``)."""
+    def add_slab(self, z0: int, sums_kzyx: torch.Tensor, weights_zyx: torch.Tensor) -> None:
+        """Keep rows ``[z0, z0 + dz)`` of every class, ``sums / weights`` (a sink for ``stitch``).
+
+        Class by class: the working memory is one class's slab, not all of them."""
         if self._channels is not None:
             raise TypeError("add_slab on a channel view")
-        k, dz, y, x = probs_kzyx.shape
+        k, dz, y, x = sums_kzyx.shape
         if k != self.shape[0] or (y, x) != self.shape[2:] or z0 < 0 or z0 + dz > self.shape[1]:
-            raise ValueError(f"slab {tuple(probs_kzyx.shape)} at z {z0} does not fit {self.shape}")
-        above = probs_kzyx > self.floor
-        any_z = above.any(dim=3).any(dim=2)  # (K, dz)
-        any_y = above.any(dim=3).any(dim=1)  # (K, y)
-        any_x = above.any(dim=2).any(dim=1)  # (K, x)
-        for c in any_z.any(dim=1).nonzero().flatten().tolist():
-            zs, ys, xs = (a[c].nonzero().flatten() for a in (any_z, any_y, any_x))
+            raise ValueError(f"slab {tuple(sums_kzyx.shape)} at z {z0} does not fit {self.shape}")
+        weights = weights_zyx.float()
+        for c in range(k):
+            p = sums_kzyx[c].float() / weights
+            above = p > self.floor
+            if not bool(above.any()):
+                continue
+            along_yx = above.any(dim=2)  # (dz, y)
+            zs = along_yx.any(dim=1).nonzero().flatten()
+            ys = along_yx.any(dim=0).nonzero().flatten()
+            xs = above.any(dim=1).any(dim=0).nonzero().flatten()
             box = (
                 slice(int(zs[0]), int(zs[-1]) + 1),
                 slice(int(ys[0]), int(ys[-1]) + 1),
                 slice(int(xs[0]), int(xs[-1]) + 1),
             )
-            values = probs_kzyx[c][box].to("cpu").half().numpy()
+            values = p[box].to("cpu").half().numpy()
             volume_box = (slice(box[0].start + z0, box[0].stop + z0), box[1], box[2])
             self._blocks[c].append(_Block(z0, volume_box, values))
 

@@ -137,6 +137,8 @@ def mirrored_probabilities(
     keep = None if channels is None else torch.as_tensor(list(channels), dtype=torch.long)
 
     def predict(x_bczyx: torch.Tensor) -> torch.Tensor:
+        # one copy of the window's output at a time beside the running total: with 164 classes at
+        # the paper's patch, each copy is 2.3 GB per window
         total: torch.Tensor | None = None
         for combo in combos:
             dims = [2 + a for a in combo]
@@ -148,14 +150,31 @@ def mirrored_probabilities(
                 if perm.numel() != y.shape[1]:
                     raise ValueError(f"lr_permutation has {perm.numel()} entries, the network {y.shape[1]}")
                 y = y.index_select(1, perm.to(y.device))
-            if keep is not None:
+            if keep is not None and not _is_identity(keep, y.shape[1]):
                 y = y.index_select(1, keep.to(y.device))
-            p = torch.sigmoid(y.float())
-            total = p if total is None else total.add_(p)
+            y = y.float()
+            p = _sigmoid_of_owned(y, x_bczyx, x)
+            if total is None:
+                total = p
+            else:
+                total.add_(p)
+            del y, p
         assert total is not None
         return total.div_(len(combos))
 
     return predict
+
+
+def _sigmoid_of_owned(y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(y)``, in place when ``y`` is a temporary of ours (not an input, not in a graph)."""
+    storage = y.untyped_storage().data_ptr()
+    if y.requires_grad or any(t.untyped_storage().data_ptr() == storage for t in inputs):
+        return torch.sigmoid(y)
+    return y.sigmoid_()
+
+
+def _is_identity(index: torch.Tensor, n: int) -> bool:
+    return index.numel() == n and bool((index == torch.arange(n)).all())
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast | _NoCast:
@@ -206,9 +225,11 @@ def _batches(items: list[tuple[slice, ...]], n: int) -> Iterator[list[tuple[slic
         yield items[i : i + n]
 
 
-# A finished slab: ``(z0, probs)`` with ``probs`` of shape ``(K, dz, y, x)`` (unpadded coordinates,
-# float32 or the accumulation dtype) covering rows ``[z0, z0 + dz)`` of the volume.
-SlabSink = Callable[[int, torch.Tensor], None]
+# A finished slab: ``sink(z0, sums, weights)`` for rows ``[z0, z0 + dz)`` of the unpadded volume, with
+# ``sums`` the blended ``(K, dz, y, x)`` (accumulation dtype) and ``weights`` the ``(dz, y, x)`` float32
+# sum of the Gaussian weights: the prediction is ``sums / weights``. Both are views of the ring, valid
+# during the call only (the sink divides what it keeps, e.g. class by class: no copy of all classes).
+SlabSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class _Band:
@@ -243,23 +264,24 @@ class _Band:
             g = gauss_zyx[local]
             if region.dtype == torch.float32:
                 region.addcmul_(y_kzyx[:, local], g)  # no temporary
-            else:
-                region += (y_kzyx[:, local] * g).to(region.dtype)
+            else:  # a float32 temporary of 16 channels at a time, not of all of them
+                for k0 in range(0, region.shape[0], 16):
+                    region[k0 : k0 + 16] += (y_kzyx[k0 : k0 + 16, local] * g).to(region.dtype)
             self.weights[ring, ys, xs] += g
 
-    def release(self, z_to: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``[z0, z_to)`` as ``(sums (K, dz, y, x), weights (dz, y, x))`` copies; zeroed in the ring."""
-        parts_v, parts_w = [], []
-        for ring, _ in self._pieces(self.z0, z_to):
-            parts_v.append(self.values[:, ring].clone())
-            parts_w.append(self.weights[ring].clone())
+    def release(self, z_to: int, emit: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+        """Hand rows ``[z0, z_to)`` to ``emit(z_from, sums (K, dz, y, x), weights (dz, y, x))`` as views
+        of the ring (one or two pieces), then zero them for the rows to come."""
+        for ring, local in self._pieces(self.z0, z_to):
+            emit(self.z0 + local.start, self.values[:, ring], self.weights[ring])
             self.values[:, ring] = 0
             self.weights[ring] = 0
         self.z0 = z_to
-        return torch.cat(parts_v, dim=1), torch.cat(parts_w, dim=0)
 
 
-def _divide(sums: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def divide_slab(sums: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sums / weights`` as a new tensor of ``sums``' dtype (half precision: 16 channels at a time)."""
+    sums = sums.clone(memory_format=torch.contiguous_format)
     if sums.dtype == torch.float32:
         return sums.div_(weights)
     # half precision: divide in chunks of channels, no float32 copy of the whole slab
@@ -282,7 +304,7 @@ def stitch(
 
     Windows go z-slowest; the blend lives in a ring of ``patch_z`` rows (:class:`_Band`), so the
     working memory is that ring, whatever the volume's depth. Slabs arrive in order, cropped to the
-    unpadded volume, on ``out_device`` in ``accumulate_dtype``, already divided by the summed weights.
+    unpadded volume, on ``out_device`` (see :data:`SlabSink`).
     Returns the number of output channels.
     """
     if image_czyx.ndim != 4:
@@ -302,12 +324,12 @@ def stitch(
     crop_yx = tuple(slice(a, a + n) for (a, _), n in zip(pads[1:], shape[1:]))
     z_lo, z_hi = pads[0][0], pads[0][0] + shape[0]
 
-    def emit(sums: torch.Tensor, weights: torch.Tensor, z_from: int) -> None:
+    def emit(z_from: int, sums: torch.Tensor, weights: torch.Tensor) -> None:
         a, b = max(z_from, z_lo), min(z_from + sums.shape[1], z_hi)
         if b <= a:
             return
         rows = slice(a - z_from, b - z_from)
-        sink(a - z_lo, _divide(sums[:, rows, crop_yx[0], crop_yx[1]].contiguous(), weights[rows, *crop_yx]))
+        sink(a - z_lo, sums[:, rows, crop_yx[0], crop_yx[1]], weights[rows, *crop_yx])
 
     rows: dict[int, list[tuple[slice, ...]]] = {}
     for w in windows:
@@ -316,8 +338,7 @@ def stitch(
     done = 0
     for z_start in sorted(rows):
         if band is not None and z_start > band.z0:
-            z_from = band.z0
-            emit(*band.release(z_start), z_from)
+            band.release(z_start, emit)
         for batch in _batches(rows[z_start], settings.batch_size):
             xb = torch.stack([x[(slice(None), *w)] for w in batch])
             with _autocast(device, settings.precision):
@@ -333,12 +354,12 @@ def stitch(
                 )
             for y, w in zip(yb, batch):
                 band.add(y, w, gauss)
+            del xb, yb, y  # not alive while the next slab is released
             done += len(batch)
             if progress is not None:
                 progress(done, len(windows))
     assert band is not None
-    z_from = band.z0
-    emit(*band.release(padded[0]), z_from)
+    band.release(padded[0], emit)
     return int(band.values.shape[0])
 
 
@@ -364,5 +385,11 @@ def sliding_window(
         For many classes use :func:`stitch` with a compact sink (``SparseProbabilities``) instead.
     """
     slabs: list[tuple[int, torch.Tensor]] = []
-    stitch(predict, image_czyx, settings, sink=lambda z0, p: slabs.append((z0, p)), progress=progress)
+    stitch(
+        predict,
+        image_czyx,
+        settings,
+        sink=lambda z0, s, w: slabs.append((z0, divide_slab(s, w))),
+        progress=progress,
+    )
     return torch.cat([p for _, p in slabs], dim=1)
