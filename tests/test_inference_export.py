@@ -108,6 +108,48 @@ def test_box_export_equals_thresholding_the_full_restored_probabilities(spacing_
     assert full[0].any()
 
 
+@pytest.mark.parametrize(
+    ("spacing_ras", "plan_spacing"), [([0.8, 0.8, 2.5], (1.5, 1.0, 1.0)), ([1.3, 0.7, 1.1], (1.0, 1.0, 1.0))]
+)
+def test_export_from_the_sparse_store_equals_the_export_from_the_dense_volume(spacing_ras, plan_spacing):
+    """Each class read over the union of its kept boxes (float16, zero below the floor) gives the
+    label map of the dense float32 volume, up to voxels whose value sits within float16 rounding of
+    the threshold."""
+    from scipy import ndimage
+
+    from multitalent.inference.probability_store import SparseProbabilities
+
+    rng = np.random.default_rng(1)
+    image_ras, _ = canonical_phantom()
+    image, affine = stored_version(image_ras, (1, 0, 2), (1, -1, -1), spacing_ras)
+    _, _, record = preprocess_image(image, affine, plan=plan(plan_spacing))
+    geometry = InverseGeometry.from_record(record)
+    shape = tuple(record["shape_after_resample_zyx"])
+    probs = np.zeros((4, *shape), dtype=np.float32)
+    for k in range(3):  # two smooth blobs per class, ~0 elsewhere
+        seeds = np.zeros(shape, dtype=np.float32)
+        for _ in range(2):
+            seeds[tuple(int(rng.integers(0, n)) for n in shape)] = 1.0
+        field = ndimage.gaussian_filter(seeds, 1.0)
+        probs[k] = np.clip(field / field.max() * 1.6, 0, 1)
+    store = SparseProbabilities.empty(4, shape)
+    cut = shape[0] // 3
+    weights = torch.full(shape, 2.0)  # the store divides by the weights
+    store.add_slab(0, torch.from_numpy(probs[:, :cut] * 2), weights[:cut])
+    store.add_slab(cut, torch.from_numpy(probs[:, cut:] * 2), weights[cut:])
+    assert store.nbytes < probs.nbytes / 4
+    values = [[1], [2], [1, 3], [4]]
+    dense = restore_label_map(probs, values, geometry)
+    sparse = restore_label_map(store, values, geometry)
+    assert sparse.label.shape == image.shape
+    assert (sparse.label != dense.label).sum() <= 0.001 * dense.label.size
+    assert sparse.voxels_per_class[3] == 0 and min(sparse.voxels_per_class[:3]) > 0
+    for k in range(4):
+        origin, region = store.region(k)
+        got = restore_mask(region, geometry, origin_zyx=origin)
+        assert (got != restore_mask(probs[k], geometry)).sum() <= 0.001 * got.size
+
+
 # ------------------------------------------------------------------------------ whole files
 class BrightNet(torch.nn.Module):
     """Pointwise logits: class 0 where the normalised image exceeds t0, class 1 above t1 (> t0)."""

@@ -141,13 +141,40 @@ def _apply(x: np.ndarray, amap: _AxisMap, axis: int) -> np.ndarray:
     return a
 
 
+def class_region(probs_kzyx: Any, k: int) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Class ``k``'s probabilities as ``(origin_zyx, sub-volume)``: the part of the preprocessed grid a
+    store kept for it (``probs_kzyx.region(k)``, zero outside), or the whole grid for an array."""
+    region = getattr(probs_kzyx, "region", None)
+    if region is not None:
+        origin, values = region(k)
+        return (int(origin[0]), int(origin[1]), int(origin[2])), values
+    return (0, 0, 0), _as_numpy(probs_kzyx[k])
+
+
+def _read_box(p: np.ndarray, origin: Sequence[int], box: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``box`` (preprocessed-grid coordinates) of a sub-volume at ``origin``, zero where it lies outside."""
+    src = tuple(slice(max(lo - o, 0), max(min(hi - o, n), 0)) for (lo, hi), o, n in zip(box, origin, p.shape))
+    piece = np.ascontiguousarray(p[src], dtype=np.float32)
+    pads = [
+        (s.start + o - lo, hi - (s.start + o) - m) for s, (lo, hi), o, m in zip(src, box, origin, piece.shape)
+    ]
+    if any(a or b for a, b in pads):
+        piece = np.pad(piece, pads)
+    return piece
+
+
 def restore_class_box(
-    prob_zyx: Any, geometry: InverseGeometry, *, threshold: float = THRESHOLD
+    prob_zyx: Any,
+    geometry: InverseGeometry,
+    *,
+    threshold: float = THRESHOLD,
+    origin_zyx: Sequence[int] = (0, 0, 0),
 ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
     """One class's mask on the canonical ``(z, y, x)`` grid before the crop, inside its box.
 
     Args:
-        prob_zyx: the class's probabilities on the preprocessed grid (numpy or torch).
+        prob_zyx: the class's probabilities on the preprocessed grid (numpy or torch), or a part of
+            it starting at ``origin_zyx`` (zero outside, see :func:`class_region`).
         geometry: the case's :class:`InverseGeometry`.
         threshold: foreground is ``p > threshold`` after resampling.
 
@@ -156,11 +183,16 @@ def restore_class_box(
         ``None`` when no voxel exceeds the threshold.
     """
     p = _as_numpy(prob_zyx)
-    if tuple(p.shape) != geometry.after_zyx:
-        raise ValueError(f"probabilities shape {tuple(p.shape)} != preprocessed shape {geometry.after_zyx}")
-    box = _box_above(p, threshold)
-    if box is None:
+    origin = [int(o) for o in origin_zyx]
+    if any(o < 0 or o + n > m for o, n, m in zip(origin, p.shape, geometry.after_zyx)) or p.ndim != 3:
+        raise ValueError(
+            f"probabilities of shape {tuple(p.shape)} at {tuple(origin)} do not fit the preprocessed "
+            f"shape {geometry.after_zyx}"
+        )
+    local = _box_above(p, threshold)
+    if local is None:
         return None
+    box = [(lo + o, hi + o) for (lo, hi), o in zip(local, origin)]
     maps = []
     for a in range(3):
         amap = _axis_map(
@@ -169,7 +201,7 @@ def restore_class_box(
         if amap is None:
             return None
         maps.append(amap)
-    x = np.ascontiguousarray(p[tuple(slice(m.c0, m.c1) for m in maps)])
+    x = _read_box(p, origin, [(m.c0, m.c1) for m in maps])
     # shrinking axes first: later passes touch fewer voxels
     for a in sorted(range(3), key=lambda a: (maps[a].r1 - maps[a].r0) / max(maps[a].c1 - maps[a].c0, 1)):
         x = _apply(x, maps[a], a)
@@ -191,10 +223,17 @@ def to_input_order(volume_zyx: np.ndarray, geometry: InverseGeometry) -> np.ndar
     return out
 
 
-def restore_mask(prob_zyx: Any, geometry: InverseGeometry, *, threshold: float = THRESHOLD) -> np.ndarray:
-    """One class's binary mask (uint8 0/1) in the input file's shape and voxel order."""
+def restore_mask(
+    prob_zyx: Any,
+    geometry: InverseGeometry,
+    *,
+    threshold: float = THRESHOLD,
+    origin_zyx: Sequence[int] = (0, 0, 0),
+) -> np.ndarray:
+    """One class's binary mask (uint8 0/1) in the input file's shape and voxel order (``prob_zyx`` and
+    ``origin_zyx`` as in :func:`restore_class_box`)."""
     full = np.zeros(geometry.before_zyx, dtype=np.uint8)
-    restored = restore_class_box(prob_zyx, geometry, threshold=threshold)
+    restored = restore_class_box(prob_zyx, geometry, threshold=threshold, origin_zyx=origin_zyx)
     if restored is not None:
         box, mask = restored
         full[box] = mask
@@ -240,7 +279,8 @@ def restore_label_map(
     full = np.zeros(geometry.before_zyx, dtype=np.uint8)
     voxels = [0] * len(class_values)
     for k, value in paint_order(class_values):
-        restored = restore_class_box(probs_kzyx[k], geometry, threshold=threshold)
+        origin, values = class_region(probs_kzyx, k)
+        restored = restore_class_box(values, geometry, threshold=threshold, origin_zyx=origin)
         if restored is None:
             continue
         box, mask = restored
@@ -254,4 +294,5 @@ def iter_class_masks(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """``(channel, uint8 mask in the input's shape)`` for each channel, one at a time."""
     for k in range(probs_kzyx.shape[0]):
-        yield k, restore_mask(probs_kzyx[k], geometry, threshold=threshold)
+        origin, values = class_region(probs_kzyx, k)
+        yield k, restore_mask(values, geometry, threshold=threshold, origin_zyx=origin)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from multitalent.catalog import Catalog, GlobalClass
-from multitalent.inference.export import InverseGeometry, restore_label_map, restore_mask
+from multitalent.inference.export import InverseGeometry, class_region, restore_label_map, restore_mask
 from multitalent.inference.model import LoadedModel
 from multitalent.inference.probability_store import SparseProbabilities
 from multitalent.preprocess import preprocess_image
@@ -232,7 +232,10 @@ class Predictor:
             if masks:
                 for j in channels:
                     c = pred.classes[j]
-                    mask = restore_mask(pred.probs_kzyx[j], geometry, threshold=self.settings.threshold)
+                    origin, values = class_region(pred.probs_kzyx, j)
+                    mask = restore_mask(
+                        values, geometry, threshold=self.settings.threshold, origin_zyx=origin
+                    )
                     rel = f"{dataset_id}/{safe_name(c.name)}.nii.gz"
                     write_like(mask, header, out_dir / rel)
                     written.append(rel)

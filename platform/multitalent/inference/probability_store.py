@@ -96,6 +96,21 @@ class SparseProbabilities:
             out[block.box] = block.values
         return out
 
+    def region(self, k: int) -> tuple[tuple[int, int, int], np.ndarray]:
+        """Class ``k`` as ``(origin_zyx, float32 sub-volume)`` over the union of its kept boxes (zero
+        elsewhere): what the export reads, without a full-volume array per class."""
+        if not -self.shape[0] <= int(k) < self.shape[0]:
+            raise IndexError(f"class {k} of {self.shape[0]}")
+        blocks = self._blocks[(self._channels or list(range(self.shape[0])))[int(k)]]
+        if not blocks:
+            return (0, 0, 0), np.zeros((0, 0, 0), dtype=np.float32)
+        lo = [min(b.box[a].start for b in blocks) for a in range(3)]
+        hi = [max(b.box[a].stop for b in blocks) for a in range(3)]
+        out = np.zeros([h - low for low, h in zip(lo, hi)], dtype=np.float32)
+        for b in blocks:
+            out[tuple(slice(s.start - low, s.stop - low) for s, low in zip(b.box, lo))] = b.values
+        return (lo[0], lo[1], lo[2]), out
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the kept boxes (all classes, also through a view)."""
