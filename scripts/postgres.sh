@@ -200,6 +200,7 @@ ensure_role_and_databases() {
 
 start() {
     if ! bindir="$(find_bindir)"; then
+        [[ -z "${PG_BINDIR:-}" ]] || exit 2  # find_bindir said what is wrong with it
         install_postgres
         bindir="$(find_bindir)" || die "apt-get installed postgresql, but no initdb/pg_ctl under /usr/lib/postgresql/*/bin"
     fi

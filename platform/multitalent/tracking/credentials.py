@@ -36,7 +36,7 @@ def refused_credentials(error: BaseException) -> str | None:
 
     creds = read_mlflow_creds()
     if status == 403:
-        return f"permission denied (HTTP 403) for user {creds.username!r}: the server's admin grants access"
+        return f"permission denied (HTTP 403) for user {creds.username!r}: ask the server's admin for access"
     if not creds.username and not creds.password:
         return f"not authenticated (HTTP 401): no credentials were sent; set {_SETTINGS}"
     if not creds.username or not creds.password:
