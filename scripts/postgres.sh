@@ -76,7 +76,7 @@ find_bindir() {
     fi
     # Debian's /usr/bin/psql etc. are wrappers; initdb and pg_ctl are not on PATH there, so look at the
     # versioned folders first, then PATH (resolving symlinks to the real folder).
-    for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    for d in $(printf "%s\n" /usr/lib/postgresql/*/bin | sort -V -r); do
         if [[ -x "$d/initdb" && -x "$d/pg_ctl" && -x "$d/psql" ]]; then
             echo "$d"
             return 0

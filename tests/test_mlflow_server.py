@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from multitalent.cli import main
+from s3_server import S3Server, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "postgres.sh"
@@ -102,7 +103,7 @@ class Server:
     log: Path
     admin_password: str
     user_password: str
-    s3: object
+    s3: S3Server
 
     def credentials(self, user: str = USER, password: str | None = None) -> dict[str, str]:
         return {
@@ -133,7 +134,7 @@ def server(postgres, databases, s3_server, tmp_path_factory) -> Iterator[Server]
     tracking_db, auth_db = databases
     s3_server.make_bucket(BUCKET)
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = s3_server_free_port()
+    port = free_port()
     admin_password = secrets.token_urlsafe(18)
     env = {
         **os.environ,
@@ -178,12 +179,6 @@ def server(postgres, databases, s3_server, tmp_path_factory) -> Iterator[Server]
                 proc.wait()
 
 
-def s3_server_free_port() -> int:
-    from s3_server import free_port
-
-    return free_port()
-
-
 def _create_user(uri: str, admin_password: str, user: str, password: str) -> None:
     import mlflow.server
 
@@ -202,7 +197,7 @@ def _create_user(uri: str, admin_password: str, user: str, password: str) -> Non
 def _s3_keys(server: Server) -> list[str]:
     import boto3
 
-    env = server.s3.env()  # type: ignore[attr-defined]
+    env = server.s3.env()
     client = boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
@@ -220,7 +215,9 @@ def test_train_publish_pull_through_the_server(
     server, postgres, databases, phantom_shards, tmp_path, monkeypatch, capsys
 ):
     storage = tmp_path / "runs"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    # The client has the server's URI and its own credentials, no storage keys: artifacts go through it.
+    client_only = ("MLFLOW_TRACKING_", "MLFLOW_S3_", "AWS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(client_only)}
     env.update(server.credentials())
     train = subprocess.run(
         [
@@ -350,7 +347,7 @@ def test_no_secret_on_a_command_line_or_in_the_log(server, postgres):
     import psutil
 
     pg_secret = Path(postgres["PGPASSFILE"]).read_text().splitlines()[0].rsplit(":", 1)[1]
-    s3_secret = server.s3.env()["AWS_SECRET_ACCESS_KEY"]  # type: ignore[attr-defined]
+    s3_secret = server.s3.env()["AWS_SECRET_ACCESS_KEY"]
     secrets_ = [pg_secret, server.admin_password, server.user_password, s3_secret]
     procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
     assert len(procs) >= 1
