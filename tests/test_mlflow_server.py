@@ -357,3 +357,40 @@ def test_no_secret_on_a_command_line_or_in_the_log(server, postgres):
     log = server.log.read_text()
     assert "Uvicorn running" in log or "Listening" in log or "Started" in log, log[-2000:]
     assert not [s for s in secrets_ if s in log]
+
+
+def test_a_refusal_is_told_from_an_outage(tmp_path, monkeypatch):
+    """The message logic alone (no server, no PostgreSQL): a 401/403 names the user and the settings to
+    fix, never the password; any other failure is no refusal; the tracking warning says which it was."""
+    import warnings
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DENIED, UNAUTHENTICATED
+
+    from multitalent.tracking.credentials import refused_credentials
+    from multitalent.tracking.outbox import FlushPolicy, Outbox, WarningLimiter
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+    unauthenticated = MlflowException("failed with error code 401 != 200", error_code=UNAUTHENTICATED)
+    assert "no credentials were sent" in (refused_credentials(unauthenticated) or "")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ann")
+    assert "MLFLOW_TRACKING_PASSWORD is not set" in (refused_credentials(unauthenticated) or "")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-value")
+    reason = refused_credentials(unauthenticated) or ""
+    assert "refused user 'ann'" in reason and "s3cret-value" not in reason
+    denied = MlflowException("permission denied", error_code=PERMISSION_DENIED)
+    assert "HTTP 403" in (refused_credentials(denied) or "")
+    assert refused_credentials(ConnectionError("connection refused")) is None
+    assert refused_credentials(MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)) is None
+
+    def connect():
+        raise unauthenticated
+
+    outbox = Outbox(policy=FlushPolicy(), connect=connect, warnings=WarningLimiter(0), store="http://h:5000")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert outbox.drain() is False
+    text = " ".join(str(w.message) for w in caught)
+    assert "http://h:5000 refused the request" in text and "'ann'" in text and "unreachable" not in text
