@@ -90,12 +90,14 @@ def _client(tracking_uri: str, *, what: str) -> Iterator[MlflowClient]:
     except (RegistryError, PackageError):
         raise
     except MlflowException as e:
+        _raise_if_refused(e, what=what, tracking_uri=tracking_uri)
         code = getattr(e, "error_code", "")
         first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0][:300]
         if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"):
             raise RegistryError(f"{what}: {first}") from None
         raise RegistryError(f"{what}: the MLflow store at {tracking_uri} failed: {first}") from None
-    except OSError as e:
+    except OSError as e:  # requests' errors, e.g. an artifact download the server refused
+        _raise_if_refused(e, what=what, tracking_uri=tracking_uri)
         raise RegistryError(
             f"{what}: cannot reach the MLflow store at {tracking_uri} ({type(e).__name__})"
         ) from None
@@ -103,6 +105,16 @@ def _client(tracking_uri: str, *, what: str) -> Iterator[MlflowClient]:
         name = type(e).__name__
         raise RegistryError(
             f"{what}: cannot use the MLflow store at {tracking_uri} ({name}: {str(e)[:200]})"
+        ) from None
+
+
+def _raise_if_refused(error: BaseException, *, what: str, tracking_uri: str) -> None:
+    from multitalent.tracking.credentials import refused_credentials
+
+    reason = refused_credentials(error)
+    if reason:
+        raise RegistryError(
+            f"{what}: the MLflow server at {tracking_uri} refused the request: {reason}"
         ) from None
 
 

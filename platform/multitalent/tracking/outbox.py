@@ -240,9 +240,17 @@ class Outbox:
         else:
             self._retry_delay = min(2 * self._retry_delay, self.policy.max_retry_after_s)
         self._next_try = now + self._retry_delay
+        from multitalent.tracking.credentials import refused_credentials
+
+        refused = refused_credentials(error)
+        problem = (
+            f"refused the request: {refused}"
+            if refused
+            else f"unreachable ({type(error).__name__}: {str(error)[:300]})"
+        )
         self._warnings.warn(
             f"outage:{type(error).__name__}",
-            f"tracking store {self.store} unreachable ({type(error).__name__}: {str(error)[:300]}); "
+            f"tracking store {self.store} {problem}; "
             f"buffering {len(self._metrics)} metrics and {len(self._ops)} operations, "
             f"next try in {self._retry_delay:.0f} s",
         )

@@ -179,6 +179,7 @@ def run_training(
     Raises:
         ResourceError: the cluster can never run the workers (no GPUs, too few CPUs or nodes).
         JobError: a relative path inside a submitted Ray job.
+        CredentialsRefused: the HTTP tracking server refuses this process's MLflow credentials.
         NonFiniteLossError: the loss was non-finite more than ``nonfinite.max_consecutive`` times in
             a row (the result so far stays in the run directory).
         RuntimeError: the training failed more often than ``workers.max_failures`` allows.
@@ -194,6 +195,10 @@ def run_training(
     job = absolute_paths(job)
     deepspeed_config(job)  # configuration errors surface before any worker starts
     load_data_setup(job)
+    if job.tracking.enabled:  # a server refusing the credentials would lose the run's tracking
+        from multitalent.tracking.credentials import check_credentials
+
+        check_credentials(tracking_uri(job))
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {"job": job.model_dump(mode="python"), "run_dir": str(run_dir)}
