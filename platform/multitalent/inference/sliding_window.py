@@ -267,7 +267,11 @@ class _Band:
             else:  # a float32 temporary of 16 channels at a time, not of all of them
                 for k0 in range(0, region.shape[0], 16):
                     region[k0 : k0 + 16] += (y_kzyx[k0 : k0 + 16, local] * g).to(region.dtype)
-            self.weights[ring, ys, xs] += g
+
+    def add_weights(self, z_start: int, row_weights: torch.Tensor) -> None:
+        """The summed Gaussians of one row of windows (every row tiles y, x alike), once per row."""
+        for ring, local in self._pieces(z_start, z_start + row_weights.shape[0]):
+            self.weights[ring] += row_weights[local]
 
     def release(self, z_to: int, emit: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
         """Hand rows ``[z0, z_to)`` to ``emit(z_from, sums (K, dz, y, x), weights (dz, y, x))`` as views
@@ -334,6 +338,10 @@ def stitch(
     rows: dict[int, list[tuple[slice, ...]]] = {}
     for w in windows:
         rows.setdefault(int(w[0].start), []).append(w)
+    # every row of windows covers y, x the same way: its summed weights are computed once
+    row_weights = torch.zeros((patch[0], padded[1], padded[2]), dtype=torch.float32, device=out_device)
+    for w in rows[0]:
+        row_weights[:, w[1], w[2]] += gauss
     band: _Band | None = None
     done = 0
     for z_start in sorted(rows):
@@ -352,6 +360,8 @@ def stitch(
                     dtype=settings.accumulate_dtype,
                     device=out_device,
                 )
+            if batch[0] is rows[z_start][0]:
+                band.add_weights(z_start, row_weights)
             for y, w in zip(yb, batch):
                 band.add(y, w, gauss)
             del xb, yb, y  # not alive while the next slab is released
@@ -384,12 +394,21 @@ def sliding_window(
         The Gaussian-weighted mean prediction, ``settings.accumulate_dtype`` on ``out_device``.
         For many classes use :func:`stitch` with a compact sink (``SparseProbabilities``) instead.
     """
-    slabs: list[tuple[int, torch.Tensor]] = []
-    stitch(
-        predict,
-        image_czyx,
-        settings,
-        sink=lambda z0, s, w: slabs.append((z0, divide_slab(s, w))),
-        progress=progress,
-    )
-    return torch.cat([p for _, p in slabs], dim=1)
+    shape = tuple(int(n) for n in image_czyx.shape[1:])
+    out: torch.Tensor | None = None
+
+    def into_volume(z0: int, sums: torch.Tensor, weights: torch.Tensor) -> None:
+        # each finished slab is divided straight into the output: no copy of the volume afterwards
+        nonlocal out
+        if out is None:
+            out = torch.empty((sums.shape[0], *shape), dtype=sums.dtype, device=sums.device)
+        dst = out[:, z0 : z0 + sums.shape[1]]
+        if sums.dtype == torch.float32:
+            torch.div(sums, weights, out=dst)
+            return
+        for k0 in range(0, sums.shape[0], 16):
+            dst[k0 : k0 + 16] = (sums[k0 : k0 + 16].float() / weights).to(sums.dtype)
+
+    stitch(predict, image_czyx, settings, sink=into_volume, progress=progress)
+    assert out is not None
+    return out
