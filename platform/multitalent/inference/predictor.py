@@ -232,9 +232,9 @@ class Predictor:
             if masks:
                 for j in channels:
                     c = pred.classes[j]
-                    origin, values = class_region(pred.probs_kzyx, j)
+                    origin, region = class_region(pred.probs_kzyx, j)
                     mask = restore_mask(
-                        values, geometry, threshold=self.settings.threshold, origin_zyx=origin
+                        region, geometry, threshold=self.settings.threshold, origin_zyx=origin
                     )
                     rel = f"{dataset_id}/{safe_name(c.name)}.nii.gz"
                     write_like(mask, header, out_dir / rel)
