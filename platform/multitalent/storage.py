@@ -226,11 +226,22 @@ def _names(e: BaseException) -> set[str]:
     return {cls.__name__ for err in _chain(e) for cls in type(err).__mro__}
 
 
-def is_store_failure(e: BaseException) -> bool:
+_STORE_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3"}
+
+
+def is_store_failure(e: BaseException, *, missing_is_failure: bool = False) -> bool:
     """Whether ``e`` comes from talking to an object store (network, timeouts, the store's own errors),
-    rather than from our code: what a conversion stops on instead of blaming a case."""
-    modules = {type(err).__module__.split(".")[0] for err in _chain(e)}
-    if modules & {"botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3"}:
+    rather than from our code: what a conversion stops on instead of blaming a case.
+
+    A missing object or bucket (``FileNotFoundError``) is not one unless ``missing_is_failure`` (for a
+    location that was there a moment ago, e.g. a store that came back empty): by default the location
+    is wrong and retrying will not help.
+    """
+    chain = _chain(e)
+    modules = {type(err).__module__.split(".")[0] for err in chain}
+    if any(isinstance(err, FileNotFoundError) for err in chain):
+        return missing_is_failure
+    if modules & _STORE_MODULES:
         return True
     return isinstance(e, (ConnectionError, TimeoutError, PermissionError))
 

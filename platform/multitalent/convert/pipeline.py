@@ -151,11 +151,13 @@ def _run_tasks(
     cpus: float,
     desc: str,
     kwargs: dict[str, Any],
+    out: str,
 ) -> list[dict[str, Any]]:
     """Run ``fn(*call, **kwargs)`` as Ray tasks with a progress bar; results in completion order.
 
     ``call[0]`` is the case: a task that raised (a bug, not a bad case: those are returned as
-    failures) becomes a failure of that case, so it never stops the others.
+    failures) becomes a failure of that case, so it never stops the others. A task that raised because
+    the object store of a URL ``out`` failed becomes a ``store_failure`` result and stops the others.
     """
     from tqdm import tqdm
 
@@ -174,7 +176,7 @@ def _run_tasks(
                 except Exception as e:  # RayTaskError wrapping the task's exception
                     case = case_of[ref]
                     cause = getattr(e, "cause", None) or e
-                    if storage.is_store_failure(cause):
+                    if _store_failed(cause, out):
                         reason = storage.describe_failure(cause)
                         failure = _failure(case.dataset_id, case.case_id, case.image_path, reason)
                         results.append({"status": "store_failure", **failure})
@@ -189,6 +191,17 @@ def _run_tasks(
                     ray.cancel(ref)
                 break
     return results
+
+
+def _store_failed(e: BaseException, out: str) -> bool:
+    """Whether a task's exception is the object store of a URL ``out`` failing, a vanished bucket or
+    key under ``out`` included (the store came back empty), rather than a bug."""
+    from multitalent import storage
+
+    if not storage.is_url(out):
+        return False
+    bucket = out.split("://", 1)[1].split("/", 1)[0]
+    return storage.is_store_failure(e, missing_is_failure=bucket in str(e))
 
 
 def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> Plan:
@@ -291,6 +304,7 @@ def _run_conversion(job: ConvertJob, *, address: str | None, log: Callable[[str]
                 calls,
                 cpus=cpus,
                 desc="scan",
+                out=out,
                 kwargs={
                     "rule": job.preprocess.normalization.rule,
                     "samples": job.preprocess.normalization.samples_per_case,
@@ -320,6 +334,7 @@ def _run_conversion(job: ConvertJob, *, address: str | None, log: Callable[[str]
             [(c, by_id[c.dataset_id]) for c in valid],
             cpus=cpus,
             desc="convert",
+            out=out,
             kwargs={"plan": plan, "out": out},
         )
     _stop_on_store_failure(results, out)
