@@ -36,6 +36,7 @@ from multitalent.shards import (
     verify_case_zarr,
     write_case_zarr,
     write_shards,
+    zarr_store,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,40 +195,32 @@ class CutOff(Exception):
     """The writer dies at this point."""
 
 
-class _CutBeforeMarker:
-    """An fsspec file system that dies when asked to copy a store's root ``zarr.json`` (the marker)."""
-
-    def __init__(self, fs) -> None:
-        self._fs = fs
-
-    def copy(self, path1, path2, **kw):
-        if isinstance(path1, str) and path1.endswith("/zarr.json"):
-            raise CutOff(path1)
-        return self._fs.copy(path1, path2, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self._fs, name)
-
-
-def test_a_zarr_store_is_visible_only_once_its_marker_is_published(s3, monkeypatch):
+def test_a_zarr_store_is_visible_only_once_its_marker_is_written(s3, monkeypatch):
     root = s3.make_bucket("publish") + "/coll"
     first = write_case_zarr(root, make_case(0), dataset_id="dsA", case_id="c1", layout=SMALL)
     url = f"{root}/{first.zarr_path}"
     assert verify_case_zarr(url) == first
+    real_remove = storage.remove_tree
 
-    real = storage.filesystem
-    with monkeypatch.context() as mp:
-        mp.setattr(
-            storage,
-            "filesystem",
-            lambda loc, **kw: (_CutBeforeMarker(real(loc, **kw)[0]), real(loc, **kw)[1]),
-        )
-        with pytest.raises(CutOff):  # replacing it with another case's content dies before the marker
+    def die(url, attrs):
+        raise CutOff(url)
+
+    with monkeypatch.context() as mp:  # replacing it with another case dies before the marker is written
+        mp.setattr(zarr_store, "_write_marker", die)
+        with pytest.raises(CutOff):
             write_case_zarr(root, make_case(1), dataset_id="dsA", case_id="c1", layout=SMALL)
-    fs = s3fs_client()
-    keys = fs.find("publish/coll")
-    assert keys and not any(".tmp-" in k for k in keys)  # the writer's temporary prefix is cleaned
-    assert f"publish/coll/{first.zarr_path}/zarr.json" not in keys  # neither the old store nor a mix
+    assert not s3fs_client().exists(f"publish/coll/{first.zarr_path}/zarr.json")
+    assert verify_case_zarr(url) is None  # neither the old store nor a mix of both
+
+    # killed outright (no cleanup): the arrays are there, the marker is not: still invisible
+    with monkeypatch.context() as mp:
+        mp.setattr(zarr_store, "_write_marker", die)
+        mp.setattr(storage, "remove_tree", lambda loc: None if loc.endswith(".zarr") else real_remove(loc))
+        with pytest.raises(CutOff):
+            write_case_zarr(root, make_case(2), dataset_id="dsA", case_id="c1", layout=SMALL)
+    keys = s3fs_client().find("publish/coll")
+    assert any(k.endswith("c1.zarr/image/zarr.json") for k in keys)
+    assert not any(k.endswith("c1.zarr/zarr.json") for k in keys)
     assert verify_case_zarr(url) is None
 
     again = write_case_zarr(root, make_case(1), dataset_id="dsA", case_id="c1", layout=SMALL)
@@ -472,3 +465,9 @@ def test_training_from_the_store_killed_then_resumed_never_from_an_interrupted_u
     (artifact,) = [a.path for a in client.list_artifacts(result.mlflow_run_id, "resume")]
     text = Path(client.download_artifacts(result.mlflow_run_id, artifact, str(tmp_path / "art"))).read_text()
     assert f"{fake}: deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt (rank 1) is missing" in text
+
+    # the run on the store publishes like a local one (its newest verified checkpoint, downloaded)
+    from multitalent.train.publish import publish_run
+
+    done = publish_run(run, name="s3-tiny")
+    assert done.uri == "models:/s3-tiny/1" and done.run_id == result.mlflow_run_id

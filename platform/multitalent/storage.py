@@ -8,11 +8,9 @@ object of s3fs arguments, e.g. ``{"config_kwargs": {"read_timeout": 30}}``) tune
 Publishing on object storage, where there is no rename: a single object is written under a hidden
 temporary key (``.tmp-<name>-<token>``) and then copied to its final key and the temporary one deleted
 (:func:`write_bytes_atomic`); an object becomes visible only once complete, so readers see the old
-object or the new one. A tree of objects (a Zarr store) is written under a hidden temporary prefix and
-published by :func:`publish_tree`: the old tree's marker object goes first, then the rest of it, then
-every new object is copied with the marker (the store's root ``zarr.json``) copied last, so a reader
-that requires the marker never sees a partial tree. Leftover ``.tmp-*`` keys of a killed writer are
-hidden from readers and removed by the next run.
+object or the new one. A tree of objects (a Zarr store) is written with its marker object last (see
+:func:`multitalent.shards.write_case_zarr`). Leftover ``.tmp-*`` keys of a killed writer are hidden
+from readers and removed by the next run (:func:`remove_temp_entries`).
 
 :func:`preflight` checks a location before any work starts: credentials, endpoint, bucket and (for an
 output) write permission, each failure one :class:`StorageError` line naming the location and the cause.
@@ -177,28 +175,6 @@ def remove_tree(location: str | os.PathLike[str]) -> None:
         return
     fs, path_ = filesystem(location)
     _rm_quietly(fs, path_, recursive=True)
-
-
-def publish_tree(tmp: str, final: str, *, marker: str) -> None:
-    """Make the finished tree under URL ``tmp`` visible as ``final`` (see the module docstring).
-
-    ``marker`` (relative to the tree's root, e.g. ``zarr.json``) is deleted first from an old tree and
-    copied last into the new one; readers that require it see the old tree, then none, then the new.
-    """
-    fs, src = filesystem(tmp)
-    _, dst = filesystem(final)
-    src, dst = src.rstrip("/"), dst.rstrip("/")
-    _rm_quietly(fs, f"{dst}/{marker}")
-    _rm_quietly(fs, dst, recursive=True)
-    files = sorted(fs.find(src))
-    rel = [f[len(src) + 1 :] for f in files]
-    if marker not in rel:
-        raise StorageError(tmp, f"no {marker} in the tree to publish")
-    body = [r for r in rel if r != marker]
-    if body:
-        fs.copy([f"{src}/{r}" for r in body], [f"{dst}/{r}" for r in body])
-    fs.copy(f"{src}/{marker}", f"{dst}/{marker}")
-    _rm_quietly(fs, src, recursive=True)
 
 
 def remove_temp_entries(folders: Iterable[str]) -> list[str]:

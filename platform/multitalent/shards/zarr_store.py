@@ -11,6 +11,7 @@ Layout of ``<out_root>/zarr/<dataset_id>/<case_id>.zarr``::
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ from multitalent.shards._common import (
     temp_sibling,
 )
 from multitalent.shards.digest import case_digest
-from multitalent.storage import temp_name
 
 if TYPE_CHECKING:
     import zarr
@@ -272,6 +272,25 @@ def _create(
     arr[...] = data
 
 
+class _UrlPrefix:
+    """Creates arrays under a URL prefix (zarr's fsspec store) without writing the group's own zarr.json."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create_array(self, *, name: str, **kwargs: Any) -> Any:
+        import zarr
+
+        return zarr.create_array(store=f"{self.url}/{name}", zarr_format=3, **kwargs)
+
+
+def _write_marker(url: str, attrs: Mapping[str, Any]) -> None:
+    """The group's root ``zarr.json`` with the case attributes: written last, it makes the store visible."""
+    import zarr
+
+    zarr.create_group(store=url, zarr_format=3, attributes=dict(attrs))
+
+
 def write_case_zarr(
     out_root: str | Path,
     case: CaseLike,
@@ -285,9 +304,8 @@ def write_case_zarr(
 
     The store is built in a hidden ``.tmp-*`` sibling and renamed into place, replacing an existing
     store; readers never see a half-written one. ``out_root`` may be a URL (``s3://bucket/prefix``):
-    the store is then written through zarr's fsspec store under a hidden prefix and published with
-    its root ``zarr.json`` last (:func:`multitalent.storage.publish_tree`).
-    ``extra_attrs`` (JSON-able, e.g. ``plan_sha256``)
+    the arrays are then written through zarr's fsspec store under the final prefix and the root
+    ``zarr.json``, which readers require, last. ``extra_attrs`` (JSON-able, e.g. ``plan_sha256``)
     are stored beside the core attributes, enter the digest and come back as ``CaseRecord.meta``.
 
     Raises:
@@ -302,17 +320,16 @@ def write_case_zarr(
     attrs = _case_attrs(case, label, dataset_id=dataset_id, case_id=case_id, extra_attrs=extra_attrs)
     attrs["sha256"] = case_digest(image=image, label=label, fg_locations=fg, attrs=attrs)
 
-    def fill(store: str) -> None:
-        group = zarr.create_group(store=store, zarr_format=3, attributes=attrs)
+    def fill(parent: Any) -> None:
         vol: dict[str, Any] = {
             "chunks": layout.chunks_zyx,
             "shards": layout.shards_zyx,
             "dims": ("z", "y", "x"),
         }
-        _create(group, "image", image, codec=layout.image_codec, **vol)
-        _create(group, "label", label, codec=layout.label_codec, **vol)
+        _create(parent, "image", image, codec=layout.image_codec, **vol)
+        _create(parent, "label", label, codec=layout.label_codec, **vol)
         _create(
-            group,
+            parent,
             "fg_locations",
             fg,
             chunks=(max(1, len(fg)), 4),
@@ -322,22 +339,25 @@ def write_case_zarr(
         )
 
     if storage.is_url(out_root):
-        # zarr's own fsspec store writes under a hidden prefix; publishing copies the root zarr.json last
+        # Object storage has no rename: write the arrays through zarr's fsspec store straight under the
+        # final prefix and the group's root zarr.json (the marker readers require) last; an old store
+        # loses its marker first, so readers see the old store, then none, then the new one.
         final_url = zarr_case_location(out_root, dataset_id, case_id)
-        parent, _, name = final_url.rpartition("/")
-        tmp_url = f"{parent}/{temp_name(name)}"
+        storage.remove_tree(storage.join(final_url, ROOT_MARKER))
+        storage.remove_tree(final_url)
         try:
-            fill(tmp_url)
-            storage.publish_tree(tmp_url, final_url, marker=ROOT_MARKER)
+            fill(_UrlPrefix(final_url))
+            _write_marker(final_url, attrs)
         except BaseException:
-            storage.remove_tree(tmp_url)
+            with contextlib.suppress(Exception):  # best effort; without its marker it is invisible anyway
+                storage.remove_tree(final_url)
             raise
         return _record(attrs, image.nbytes + label.nbytes + fg.nbytes)
     final = zarr_case_path(Path(out_root), dataset_id, case_id)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
     try:
-        fill(str(tmp))
+        fill(zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs))
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
