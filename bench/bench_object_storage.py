@@ -8,12 +8,13 @@ then, interleaved local / S3 in each round:
 - convert: the whole job (scan, plan, Zarr stores, shards, manifest) into a fresh folder / prefix;
 - stream: every shard read and decoded in order (``iter_shard_samples`` + ``decode_wds_sample``, what the
   training loader does per case), and the same bytes read without decoding;
-- zarr: ``--patches`` random training patches (``ZarrPatchSource``, fresh per round, so each case
-  store is opened again).
+- zarr: every case store opened (``ZarrPatchSource.open_case``: metadata and foreground locations),
+  then ``--patches`` random training patches from the open stores (chunk reads only).
 
 CPU seconds are reported next to wall seconds (the machine is shared): ``client CPU`` sums this process
 and its Ray processes (not the server); ``server CPU`` is moto's. MB/s of the stream counts shard bytes;
-MB/s of Zarr counts the decoded patch voxels (image int16 + label uint8) handed to training.
+MB/s of Zarr patches counts the decoded patch voxels (image int16 + label uint8) handed to training;
+``requests`` are the S3 requests moto answered during the measure.
 
     PYTHONPATH=platform .venv/bin/python bench/bench_object_storage.py --scale 1.0 --rounds 2
 """
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -46,8 +49,16 @@ class Measure:
     wall_s: float
     client_cpu_s: float
     server_cpu_s: float
+    requests: int
     items: int
     nbytes: int
+
+
+def requests_served(server: S3Server) -> int:
+    """Requests moto has answered so far (one access-log line each)."""
+    assert server.log_path is not None
+    with open(server.log_path, "rb") as f:
+        return sum(1 for line in f if b'] "' in line and b"/moto-api/" not in line)
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -70,10 +81,13 @@ def client_cpu(exclude: int) -> float:
 def measure(server: S3Server, fn: Callable[[], tuple[int, int]]) -> Measure:
     assert server.proc is not None
     moto = psutil.Process(server.proc.pid)
+    r0 = requests_served(server)
     c0, s0, t0 = client_cpu(server.proc.pid), _cpu(moto), time.perf_counter()
     items, nbytes = fn()
     wall = time.perf_counter() - t0
-    return Measure(wall, client_cpu(server.proc.pid) - c0, _cpu(moto) - s0, items, nbytes)
+    c1, s1 = client_cpu(server.proc.pid), _cpu(moto)
+    time.sleep(0.2)  # the access log line of the last request
+    return Measure(wall, c1 - c0, s1 - s0, requests_served(server) - r0, items, nbytes)
 
 
 def tree_bytes(root: str) -> tuple[int, int]:
@@ -102,38 +116,53 @@ def convert(raw: Path, out: str) -> tuple[int, int]:
     return summary.converted, nbytes
 
 
-def stream(root: str, *, decode: bool) -> tuple[int, int]:
+def stream(root: str, *, decode: bool, passes: int = 1) -> tuple[int, int]:
+    """Every shard, in order, ``passes`` times: (cases, shard bytes)."""
     from multitalent.shards import decode_wds_sample, iter_shard_samples, load_manifest, shard_urls
 
     n = 0
-    for url in shard_urls(root):
-        for raw in iter_shard_samples(url):
-            if decode:
-                decode_wds_sample(raw)
-            n += 1
-    return n, sum(s.nbytes for s in load_manifest(root).shards)
+    urls = shard_urls(root)
+    for _ in range(passes):
+        for url in urls:
+            for raw in iter_shard_samples(url):
+                if decode:
+                    decode_wds_sample(raw)
+                n += 1
+    return n, passes * sum(s.nbytes for s in load_manifest(root).shards)
 
 
-def zarr_patches(root: str, *, patches: int, patch_zyx: tuple[int, int, int], seed: int) -> tuple[int, int]:
+def zarr_source(root: str, *, patch_zyx: tuple[int, int, int], seed: int) -> Any:
     from multitalent import storage
     from multitalent.catalog import load_catalog
     from multitalent.data.sources import ZarrPatchSource
     from multitalent.preprocess.plan import Plan
 
     plan = Plan.from_json(storage.read_text(storage.join(root, "plan.json")))
-    source = ZarrPatchSource(
+    return ZarrPatchSource(
         root,
         catalog=load_catalog("phantom"),
         normalization=plan.normalization,
         patch_zyx=patch_zyx,
         batch_size=2,
         seed=seed,
+        cache_cases=10_000,  # every case stays open: the patch reads below touch chunks only
     )
+
+
+def zarr_opens(source: Any) -> tuple[int, int]:
+    """Open every case store (group and array metadata, the foreground locations)."""
+    for i in range(len(source.paths)):
+        source.open_case(i)
+    return len(source.paths), sum(c.fg_locations.nbytes for c in source._cache.values())
+
+
+def zarr_patches(source: Any, *, patches: int) -> tuple[int, int]:
+    """Random training patches from the opened stores: (patches, patch bytes handed out)."""
     samples = source.samples()
     for _ in range(patches):
         next(samples)
-    voxels = patch_zyx[0] * patch_zyx[1] * patch_zyx[2]
-    return patches, patches * voxels * 3  # int16 image + uint8 label
+    z, y, x = source.patch_zyx
+    return patches, patches * z * y * x * 3  # int16 image + uint8 label
 
 
 def row(name: str, ms: list[Measure], unit: str) -> str:
@@ -141,9 +170,10 @@ def row(name: str, ms: list[Measure], unit: str) -> str:
     cpu = statistics.median(m.client_cpu_s for m in ms)
     server = statistics.median(m.server_cpu_s for m in ms)
     items, nbytes = ms[0].items, ms[0].nbytes
+    requests = ms[0].requests if "S3" in name else "-"
     return (
         f"| {name} | {items / wall:.1f} {unit}/s | {nbytes / wall / 1e6:.1f} MB/s | {wall:.2f} s | "
-        f"{cpu:.2f} s | {server:.2f} s | {items / max(cpu, 1e-9):.1f} {unit}/CPU-s |"
+        f"{cpu:.2f} s | {server:.2f} s | {items / max(cpu, 1e-9):.1f} {unit}/CPU-s | {requests} |"
     )
 
 
@@ -153,7 +183,8 @@ def main() -> None:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="phantom collection scale (1.0: 24 cases)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--patches", type=int, default=64)
+    parser.add_argument("--patches", type=int, default=128)
+    parser.add_argument("--stream-passes", type=int, default=5, help="reads of every shard per measure")
     parser.add_argument("--patch", default="48,96,96")
     parser.add_argument("--skip-convert", action="store_true")
     args = parser.parse_args()
@@ -178,33 +209,41 @@ def main() -> None:
         for _, root in sides:  # the collection both sides read; also warms imports and clients up
             convert(raw, root)
             stream(root, decode=True)
-            zarr_patches(root, patches=2, patch_zyx=patch, seed=99)
+            zarr_patches(zarr_source(root, patch_zyx=patch, seed=99), patches=2)
         for r in range(args.rounds):
             for side, root in sides:
                 runs: dict[str, Callable[[], tuple[int, int]]] = {}
                 if not args.skip_convert:
                     out = f"{work}/conv{r}" if root == local_root else f"s3://bench/conv{r}"
                     runs[f"convert -> {side}"] = partial(convert, raw, out)
-                runs[f"WebDataset stream, read only, {side}"] = partial(stream, root, decode=False)
-                runs[f"WebDataset stream + decode, {side}"] = partial(stream, root, decode=True)
-                runs[f"Zarr random patches {patch}, {side}"] = partial(
-                    zarr_patches, root, patches=args.patches, patch_zyx=patch, seed=r
+                passes = args.stream_passes
+                runs[f"WebDataset stream, read only, {side}"] = partial(
+                    stream, root, decode=False, passes=passes
+                )
+                runs[f"WebDataset stream + decode, {side}"] = partial(
+                    stream, root, decode=True, passes=passes
+                )
+                source = zarr_source(root, patch_zyx=patch, seed=r)
+                runs[f"Zarr case opens, {side}"] = partial(zarr_opens, source)
+                runs[f"Zarr random patches {patch} (stores open), {side}"] = partial(
+                    zarr_patches, source, patches=args.patches
                 )
                 for name, fn in runs.items():
                     results.setdefault(name, []).append(measure(server, fn))
+        n_files, n_bytes = tree_bytes(local_root)
     finally:
         ray.shutdown()
         server.stop()
-    n_files, n_bytes = tree_bytes(local_root)
+        shutil.rmtree(work, ignore_errors=True)
     print(
         f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {psutil.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f}; phantom scale {args.scale}: {n_files} files, {n_bytes / 1e6:.1f} MB "
         f"converted; {args.rounds} round(s), medians"
     )
-    print("| what | items/s | MB/s | wall | client CPU | server CPU | items per client CPU-s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| what | items/s | MB/s | wall | client CPU | server CPU | items per client CPU-s | requests |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, ms in results.items():
-        unit = "case" if name.startswith(("convert", "WebDataset")) else "patch"
+        unit = "patch" if "patches" in name else "case"
         print(row(name, ms, unit))
 
 

@@ -412,10 +412,10 @@ def _without_status(result: dict[str, Any]) -> dict[str, Any]:
 
 def _nothing_valid(summary: ConvertSummary, why: str) -> ConvertSummary:
     """No plan, no manifest: the report says why (every failure listed)."""
-    summary.error = why
-    summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
     from multitalent import storage
 
+    summary.error = why
+    summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
     _atomic_write_text(storage.join(summary.out, "report.json"), json.dumps(summary.report(), indent=1))
     return summary
 
