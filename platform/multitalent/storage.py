@@ -253,8 +253,12 @@ def _bucket(path: str) -> str:
     return path.split("/", 1)[0]
 
 
+_BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs"}
+
+
 def preflight(location: str, *, write: bool) -> None:
-    """Check a URL location before any work starts (no-op for a local path).
+    """Check a URL location of an object store (``s3://``, ``gs://``, ``az://``) before any work starts
+    (no-op for a local path or another kind of URL).
 
     Reads the bucket (credentials, endpoint, bucket) and, when ``write``, writes and deletes a hidden
     probe object under ``location`` (write permission).
@@ -268,6 +272,8 @@ def preflight(location: str, *, write: bool) -> None:
     import fsspec
 
     protocol = location.split("://", 1)[0]
+    if protocol not in _BUCKET_PROTOCOLS:
+        return  # http(s), memory, file: nothing to check up front; reading says what is wrong
     try:
         cls = fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as e:
@@ -284,7 +290,11 @@ def preflight(location: str, *, write: bool) -> None:
     if protocol in ("s3", "s3a") and not _has_s3_credentials(fs):
         raise StorageError(location, describe_failure(_NoCredentials()))
     try:
-        fs.ls(bucket, detail=False)
+        if hasattr(fs, "call_s3"):  # one request, however large the bucket
+            prefix = path[len(bucket) + 1 :]
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        else:
+            fs.ls(bucket, detail=False)
     except FileNotFoundError:
         raise StorageError(location, f"bucket {bucket!r} does not exist") from None
     except PermissionError as e:
