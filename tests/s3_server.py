@@ -44,9 +44,14 @@ def moto_server_bin() -> Path:
 class S3Server:
     """One moto S3 server process; ``start``/``stop``/``pause``/``resume``, usable as a context manager."""
 
-    def __init__(self, *, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, log_path: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: extra environment of the server process, e.g. ``{"INITIAL_NO_AUTH_ACTION_COUNT": "4"}``
+        (moto then checks IAM permissions from the fifth request on)."""
         self.port = port or free_port()
         self.log_path = log_path
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -74,7 +79,7 @@ class S3Server:
             [str(moto_server_bin()), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+            env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true", **self.extra_env},
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

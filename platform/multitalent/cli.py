@@ -205,13 +205,15 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command ende
 def is_user_error(e: BaseException) -> bool:
     """A mistake the user can fix (printed as one ``error:`` line), as opposed to a bug: a job, path or
     preset (:class:`~multitalent.jobs.UserError`), a catalog file, or converted data that is missing,
-    incomplete or corrupt (convert again)."""
+    incomplete or corrupt (convert again), an object-store location that cannot be used or a store that
+    failed (:class:`~multitalent.storage.StorageError`)."""
     from multitalent.catalog.model import CatalogError
     from multitalent.jobs import UserError
     from multitalent.preprocess.plan import PlanError
     from multitalent.shards._common import ShardError
+    from multitalent.storage import StorageError
 
-    return isinstance(e, (UserError, CatalogError, PlanError, ShardError))
+    return isinstance(e, (UserError, CatalogError, PlanError, ShardError, StorageError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

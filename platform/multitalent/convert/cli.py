@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multitalent.jobs import load_job, require_absolute_in_submitted_job
+from multitalent import storage
+from multitalent.jobs import JobError, load_job, require_absolute_in_submitted_job
 
 if TYPE_CHECKING:
     from multitalent.convert.job import ConvertJob
@@ -32,6 +33,22 @@ def generate_missing_raw(job: ConvertJob, *, log: Callable[[str], None] = print)
     return True
 
 
+def check_locations(job: ConvertJob, *, write: bool) -> None:
+    """Before any work: ``raw_root`` must be a local folder; a URL ``out`` must be usable (credentials,
+    endpoint, bucket, and write permission when ``write``).
+
+    Raises:
+        JobError: ``raw_root`` is a URL.
+        StorageError: ``"<out>: <cause>"``.
+    """
+    if storage.is_url(job.raw_root):
+        raise JobError(
+            f"raw_root {job.raw_root}: the raw collection is read from a local (or shared) folder; "
+            "only the converted output (out) may be on object storage"
+        )
+    storage.preflight(job.out, write=write)
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 all converted, 1 some case or dataset failed (or nothing valid remained; the
     summary and ``report.json`` say which), 2 a mistake in the job (``multitalent.cli.main``)."""
@@ -41,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
     job = load_job(args.job, ConvertJob, args.overrides)
     require_absolute_in_submitted_job({"raw_root": job.raw_root, "out": job.out}, where=args.job)
     _selected_catalog(job)  # an unknown preset or a bad catalog file fails before anything is written
+    check_locations(job, write=not args.dry_run)
     if args.dry_run:
         return dry_run(job)
     generate_missing_raw(job)
     summary = run_conversion(job, address=args.address)
-    out = summary.out.resolve()
+    out = summary.out
+    report = storage.join(out, "report.json")
     print(
         f"\n{summary.cases_found} cases found: {summary.converted} converted, {summary.skipped} up to date, "
         f"{len(summary.failures)} failed; {summary.shards} shards; output in {out}"
@@ -56,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         whole = " (whole dataset)" if f["case_id"] == "*" else ""
         print(f"FAILED {f['dataset_id']}/{f['case_id']}: {f['file']}: {f['reason']}{whole}", file=sys.stderr)
     if summary.error is not None:
-        print(f"error: nothing converted: {summary.error}; see {out / 'report.json'}", file=sys.stderr)
+        print(f"error: nothing converted: {summary.error}; see {report}", file=sys.stderr)
         return 1
     if summary.failures:
-        print(f"some cases failed; see {out / 'report.json'}", file=sys.stderr)
+        print(f"some cases failed; see {report}", file=sys.stderr)
         return 1
     return 0
 
@@ -92,6 +111,6 @@ def dry_run(job: ConvertJob) -> int:
         f"{total} cases found in {sum(d.usable for d in found)} of {len(found)} datasets; "
         f"{len(problems)} problem(s) found without converting (bad image or label files show only "
         "when converting); "
-        f"output would go to {Path(job.out).resolve()}"
+        f"output would go to {job.out if storage.is_url(job.out) else Path(job.out).resolve()}"
     )
     return 1 if problems else 0

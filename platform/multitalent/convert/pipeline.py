@@ -50,7 +50,7 @@ class ConvertSummary:
     failures: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, str]] = field(default_factory=list)
     shards: int = 0
-    out: Path = Path()
+    out: str = ""  # the output root: a local path (absolute) or a URL
     error: str | None = None
 
     @property
@@ -86,10 +86,11 @@ class DatasetFound:
         return not any(f["case_id"] == "*" for f in self.failures)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _atomic_write_text(path: str, text: str) -> None:
+    """Readers see the old file or the new one (a hidden temporary name, then a rename or a publish)."""
+    from multitalent import storage
+
+    storage.write_text_atomic(path, text)
 
 
 def _selected_catalog(job: ConvertJob) -> Catalog:
@@ -150,13 +151,17 @@ def _run_tasks(
     cpus: float,
     desc: str,
     kwargs: dict[str, Any],
+    out: str,
 ) -> list[dict[str, Any]]:
     """Run ``fn(*call, **kwargs)`` as Ray tasks with a progress bar; results in completion order.
 
     ``call[0]`` is the case: a task that raised (a bug, not a bad case: those are returned as
-    failures) becomes a failure of that case, so it never stops the others.
+    failures) becomes a failure of that case, so it never stops the others. A task that raised because
+    the object store of a URL ``out`` failed becomes a ``store_failure`` result and stops the others.
     """
     from tqdm import tqdm
+
+    from multitalent import storage
 
     remote = ray.remote(fn).options(num_cpus=cpus, max_retries=1)
     case_of = {remote.remote(*call, **kwargs): call[0] for call in calls}
@@ -171,11 +176,32 @@ def _run_tasks(
                 except Exception as e:  # RayTaskError wrapping the task's exception
                     case = case_of[ref]
                     cause = getattr(e, "cause", None) or e
+                    if _store_failed(cause, out):
+                        reason = storage.describe_failure(cause)
+                        failure = _failure(case.dataset_id, case.case_id, case.image_path, reason)
+                        results.append({"status": "store_failure", **failure})
+                        continue
                     reason = f"unexpected error ({type(cause).__name__}: {cause}); a bug, please report it"
                     failure = _failure(case.dataset_id, case.case_id, case.image_path, reason)
                     results.append({"status": "failed", **failure})
             bar.update(len(done))
+            if any(r["status"] == "store_failure" for r in results):
+                # The store is gone: the other tasks would only wait for it too. Finished cases stay.
+                for ref in pending:
+                    ray.cancel(ref)
+                break
     return results
+
+
+def _store_failed(e: BaseException, out: str) -> bool:
+    """Whether a task's exception is the object store of a URL ``out`` failing, a vanished bucket or
+    key under ``out`` included (the store came back empty), rather than a bug."""
+    from multitalent import storage
+
+    if not storage.is_url(out):
+        return False
+    bucket = out.split("://", 1)[1].split("/", 1)[0]
+    return storage.is_store_failure(e, missing_is_failure=bucket in str(e))
 
 
 def _make_plan(job: ConvertJob, catalog: Catalog, samples: list[np.ndarray]) -> Plan:
@@ -215,20 +241,45 @@ def run_conversion(
     job: ConvertJob, *, address: str | None = None, log: Callable[[str], None] = print
 ) -> ConvertSummary:
     """Convert ``job.raw_root`` (which must exist; see ``convert.cli.generate_missing_raw``) into
-    ``job.out``."""
-    from multitalent.preprocess import PLAN_FILE
+    ``job.out``, a local folder or a URL (``s3://bucket/prefix``).
+
+    Raises:
+        StorageError: the object store of a URL ``out`` failed mid-run (naming ``out`` and the cause);
+            what was finished is kept and a rerun continues from there.
+    """
+    from multitalent import storage
+
+    try:
+        return _run_conversion(job, address=address, log=log)
+    except storage.StorageError:
+        raise
+    except Exception as e:
+        if storage.is_url(job.out) and storage.is_store_failure(e):
+            raise storage.StorageError(
+                job.out, f"the object store failed: {storage.describe_failure(e)}"
+            ) from e
+        raise
+
+
+def _run_conversion(job: ConvertJob, *, address: str | None, log: Callable[[str], None]) -> ConvertSummary:
+    from multitalent import storage
     from multitalent.raycluster import ray_session
     from multitalent.shards import CaseRecord, remove_temp_entries, write_manifest, write_shards
 
     catalog = _selected_catalog(job)
-    raw_root, out = Path(job.raw_root), Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = out / ".work" / "samples"
-    cache.mkdir(parents=True, exist_ok=True)
-
-    # Leftovers of an interrupted run; no writer of ours runs on `out` now.
-    for folder in [out, cache, out / "wds", *sorted((out / "zarr").glob("*"))]:
-        remove_temp_entries(folder)
+    raw_root = Path(job.raw_root)
+    out = job.out if storage.is_url(job.out) else str(Path(job.out).resolve())
+    cache = storage.join(out, ".work", "samples")
+    if not storage.is_url(out):
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    try:
+        # Leftovers of an interrupted run; no writer of ours runs on `out` now.
+        remove_temp_entries(out)
+        storage.remove_temp_entries([cache])
+    except Exception as e:
+        if storage.is_store_failure(e):
+            raise storage.StorageError(out, storage.describe_failure(e)) from None
+        raise
     summary = ConvertSummary(out=out)
     found = discover(catalog, raw_root)
     cases = [c for d in found for c in d.cases]
@@ -253,6 +304,7 @@ def run_conversion(
                 calls,
                 cpus=cpus,
                 desc="scan",
+                out=out,
                 kwargs={
                     "rule": job.preprocess.normalization.rule,
                     "samples": job.preprocess.normalization.samples_per_case,
@@ -260,17 +312,18 @@ def run_conversion(
                     "cache_dir": str(cache),
                 },
             )
+            _stop_on_store_failure(scanned, out)
             scanned.sort(key=lambda r: (r["dataset_id"], r["case_id"]))
             bad = {(r["dataset_id"], r["case_id"]) for r in scanned if r["status"] == "failed"}
             summary.failures += [_without_status(r) for r in scanned if r["status"] == "failed"]
-            samples = [np.load(r["sample"]) for r in scanned if r["status"] == "ok"]
+            samples = [_load_sample(r["sample"]) for r in scanned if r["status"] == "ok"]
             valid = [c for c in cases if (c.dataset_id, c.case_id) not in bad]
             if not samples:
                 return _nothing_valid(
                     summary, "no valid case to compute the collection's intensity statistics from"
                 )
         plan = _package_plan(job, catalog, log) if job.plan else _make_plan(job, catalog, samples)
-        plan.save(out / PLAN_FILE)
+        _save_plan(plan, out)
         n = plan.normalization
         clip = f"[{n.clip[0]:.0f}, {n.clip[1]:.0f}]"
         log(f"plan {plan.sha256[:12]}: clip {clip} HU, mean {n.mean:.2f}, std {n.std:.2f}")
@@ -281,8 +334,10 @@ def run_conversion(
             [(c, by_id[c.dataset_id]) for c in valid],
             cpus=cpus,
             desc="convert",
-            kwargs={"plan": plan, "out": str(out)},
+            out=out,
+            kwargs={"plan": plan, "out": out},
         )
+    _stop_on_store_failure(results, out)
     records = []
     for r in results:
         summary.warnings += [
@@ -311,8 +366,44 @@ def run_conversion(
 
     write_splits(out, [(rec.dataset_id, rec.case_id) for rec in records])
     summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
-    _atomic_write_text(out / "report.json", json.dumps(summary.report(), indent=1))
+    _atomic_write_text(storage.join(out, "report.json"), json.dumps(summary.report(), indent=1))
     return summary
+
+
+def _save_plan(plan: Plan, out: str) -> None:
+    from multitalent import storage
+    from multitalent.preprocess import PLAN_FILE
+
+    if storage.is_url(out):
+        storage.write_text_atomic(storage.join(out, PLAN_FILE), plan.to_json())
+    else:
+        plan.save(Path(out) / PLAN_FILE)
+
+
+def _load_sample(location: str) -> np.ndarray:
+    import io
+
+    from multitalent import storage
+
+    if not storage.is_url(location):
+        return np.load(location)
+    return np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
+
+
+def _stop_on_store_failure(results: list[dict[str, Any]], out: str) -> None:
+    """A task that could not talk to the object store stops the conversion (one clear error); cases
+    finished so far are kept and a rerun skips them."""
+    from multitalent import storage
+
+    failed = [r for r in results if r["status"] == "store_failure"]
+    if failed:
+        first = failed[0]
+        raise storage.StorageError(
+            out,
+            f"the object store failed while writing {first['dataset_id']}/{first['case_id']} "
+            f"({first['reason']}); {len(failed)} case(s) affected. Finished cases are kept: run the "
+            "same command again to continue",
+        )
 
 
 def _without_status(result: dict[str, Any]) -> dict[str, Any]:
@@ -321,9 +412,11 @@ def _without_status(result: dict[str, Any]) -> dict[str, Any]:
 
 def _nothing_valid(summary: ConvertSummary, why: str) -> ConvertSummary:
     """No plan, no manifest: the report says why (every failure listed)."""
+    from multitalent import storage
+
     summary.error = why
     summary.failures.sort(key=lambda f: (f["dataset_id"], f["case_id"]))
-    _atomic_write_text(summary.out / "report.json", json.dumps(summary.report(), indent=1))
+    _atomic_write_text(storage.join(summary.out, "report.json"), json.dumps(summary.report(), indent=1))
     return summary
 
 

@@ -7,6 +7,7 @@ Each returns a small JSON-able dict, never raises for bad input: a ``CaseError``
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,7 @@ def scan_case(
     ``rule``: ``every_nth`` (nnU-Net v1: every ``every_nth``-th foreground voxel) or ``draws``
     (``samples`` random draws).
     """
+    from multitalent import storage
     from multitalent.preprocess import foreground_intensity_sample
     from multitalent.preprocess.stats import foreground_intensity_every_nth
     from multitalent.rawio import CaseError, load_case
@@ -80,9 +82,9 @@ def scan_case(
     key = f"{case.dataset_id}__{case.case_id}"
     digest = source_digest(case)
     what = f"every{every_nth}" if rule == "every_nth" else f"draws{samples}"
-    cached = Path(cache_dir) / f"{key}.{what}.{digest[:16]}.npy"
-    if cached.is_file():
-        return {"status": "ok", "dataset_id": case.dataset_id, "case_id": case.case_id, "sample": str(cached)}
+    cached = storage.join(cache_dir, f"{key}.{what}.{digest[:16]}.npy")
+    if storage.is_file(cached):
+        return {"status": "ok", "dataset_id": case.dataset_id, "case_id": case.case_id, "sample": cached}
     try:
         loaded = load_case(case, dataset)
     except CaseError as e:
@@ -91,14 +93,20 @@ def scan_case(
         sample = foreground_intensity_every_nth(loaded.image, loaded.label, step=every_nth).astype(np.float32)
     else:
         sample = foreground_intensity_sample(loaded.image, loaded.label, n=samples, seed=key)
-    tmp = cached.with_name(f".tmp-{cached.stem}-{os.getpid()}.npy")
-    np.save(tmp, sample)
-    tmp.replace(cached)
+    if storage.is_url(cached):
+        buf = io.BytesIO()
+        np.save(buf, sample)
+        storage.write_bytes_atomic(cached, buf.getvalue())
+    else:
+        path = Path(cached)
+        tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}.npy")
+        np.save(tmp, sample)
+        tmp.replace(path)
     return {
         "status": "ok",
         "dataset_id": case.dataset_id,
         "case_id": case.case_id,
-        "sample": str(cached),
+        "sample": cached,
         "warnings": list(loaded.warnings),
     }
 
@@ -106,19 +114,22 @@ def scan_case(
 def convert_case(case: Any, dataset: DatasetSpec, *, plan: Plan, out: str) -> dict[str, Any]:
     """Preprocess one case into its Zarr store, unless a verified store of the same inputs exists.
 
+    ``out`` is a local folder or a URL; an object-store error propagates (the pipeline stops on it).
+
     The store is stamped with :func:`case_plan_sha256` (and, for information, the ``plan.sha256`` it
     was converted under); a store with another ``case_plan_sha256`` is converted again.
     """
+    from multitalent import storage
     from multitalent.preprocess import preprocess_case
     from multitalent.rawio import CaseError, load_case
-    from multitalent.shards import verify_case_zarr, write_case_zarr, zarr_case_path
+    from multitalent.shards import verify_case_zarr, write_case_zarr, zarr_case_location
 
-    out_root = Path(out)
+    out_root = out if storage.is_url(out) else Path(out)
     plan_sha256 = plan.sha256
     identity = case_plan_sha256(plan, dataset)
     digest = source_digest(case)
-    store = zarr_case_path(out_root, case.dataset_id, case.case_id)
-    if store.exists():
+    store = zarr_case_location(out_root, case.dataset_id, case.case_id)
+    if storage.exists(store):
         record = verify_case_zarr(store)
         if (
             record is not None

@@ -414,10 +414,18 @@ def make_splits(
 def write_splits(
     root: Any, keys: Sequence[tuple[str, str]], *, n_splits: int = 5, seed: int = KFOLD_SEED
 ) -> Any:
-    """Write ``root/splits.json`` (atomically) for the cases ``keys``; returns its path."""
+    """Write ``root/splits.json`` (atomically) for the cases ``keys``; returns its path (``root`` may be
+    a URL: the file is then published as one object)."""
     import json
     from pathlib import Path
 
+    from multitalent import storage
+
+    if storage.is_url(root):
+        url = storage.join(root, SPLITS_FILE)
+        return storage.write_text_atomic(
+            url, json.dumps(make_splits(keys, n_splits=n_splits, seed=seed), indent=1)
+        )
     path = Path(root) / SPLITS_FILE
     tmp = path.with_name(f".tmp-{SPLITS_FILE}")
     tmp.write_text(json.dumps(make_splits(keys, n_splits=n_splits, seed=seed), indent=1))
@@ -428,10 +436,11 @@ def write_splits(
 def load_splits(path: Any) -> dict[str, Any]:
     """Read a ``splits.json`` written by :func:`write_splits` (ValueError naming the file otherwise)."""
     import json
-    from pathlib import Path
+
+    from multitalent import storage
 
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(storage.read_text(path))
         if data["version"] != SPLITS_VERSION or len(data["folds"]) != data["n_splits"]:
             raise ValueError("inconsistent version or number of folds")
         return dict(data)
@@ -456,10 +465,10 @@ def split_collection(root: Any, cases: Sequence[T], fold: int | None) -> tuple[l
     """:func:`split_cases` of a converted collection: from its ``splits.json`` when there is one (the
     file evaluation reads too), else computed by the same rule. Raises ValueError when the file and the
     cases disagree (convert again to rewrite it)."""
-    from pathlib import Path
+    from multitalent import storage
 
-    path = Path(root) / SPLITS_FILE
-    if not path.is_file():
+    path = storage.join(root, SPLITS_FILE)
+    if not storage.is_file(path):
         return split_cases(cases, fold)
     by_ref = {case_ref(c): c for c in cases}
     train, val = fold_keys(load_splits(path), fold)

@@ -26,9 +26,9 @@ predictable). Cases with ``k_c = 0`` are read and dropped.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -50,10 +50,45 @@ from multitalent.data.sampling import (
     stream_rngs,
 )
 from multitalent.preprocess.plan import Normalization
-from multitalent.shards.wds_reader import decode_wds_sample, expand_shard_urls, iter_shard_samples
-
+from multitalent.shards.wds_reader import (
+    READ_RETRIES,
+    RETRY_BACKOFF_S,
+    decode_wds_sample,
+    expand_shard_urls,
+    iter_shard_samples,
+)
 
 # ----------------------------------------------------------------------------- shared helpers
+T = TypeVar("T")
+
+
+def retrying(
+    where: str, read: Callable[[], T], *, retries: int = READ_RETRIES, backoff_s: float = RETRY_BACKOFF_S
+) -> T:
+    """``read()``; when it fails because of the object store (network, timeouts, the store's errors),
+    again after ``backoff_s``, ``2 * backoff_s``, ... up to ``retries`` times, then a
+    :class:`~multitalent.shards.ShardError` naming ``where`` and the cause. Other errors propagate."""
+    import time
+
+    from multitalent import storage
+    from multitalent.shards import ShardError
+
+    attempt = 0
+    while True:
+        try:
+            return read()
+        except Exception as e:
+            if not storage.is_store_failure(e):
+                raise
+            if attempt >= retries:
+                cause = storage.describe_failure(e)
+                raise ShardError(
+                    where, f"the object store failed {attempt + 1} times in a row ({cause})"
+                ) from e
+            attempt += 1
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+
+
 def _zarr_relpath(entry: Any, dataset_id: str, case_id: str) -> str:
     path = entry.get("zarr_path") if isinstance(entry, Mapping) else getattr(entry, "zarr_path", None)
     return str(path) if path else f"zarr/{dataset_id}/{case_id}.zarr"
@@ -210,7 +245,9 @@ class ZarrPatchSource(IterableDataset):
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        case = open_case_zarr(self.paths[i], storage_options=self.storage_options or None)
+        case = self._retrying(
+            self.paths[i], lambda: open_case_zarr(self.paths[i], storage_options=self.storage_options or None)
+        )
         self._cache[i] = case
         if len(self._cache) > self.cache_cases:
             self._cache.popitem(last=False)
@@ -219,11 +256,19 @@ class ZarrPatchSource(IterableDataset):
     def read_sample(self, i: int, center_zyx: Sequence[int], *, fg_class: int = -1) -> PatchSample:
         """The patch of training case ``i`` centred at ``center_zyx``."""
         case = self.open_case(i)
-        image, label = extract_patch(case.image, case.label, center_zyx, self.patch_zyx, self.normalization)
+        image, label = self._retrying(
+            self.paths[i],
+            lambda: extract_patch(case.image, case.label, center_zyx, self.patch_zyx, self.normalization),
+        )
         z, y, x = (int(c) for c in center_zyx)
         return PatchSample(
             image, label, int(self.dataset_idx[i]), case_key(*self.refs[i]), (z, y, x), fg_class
         )
+
+    def _retrying(self, where: str, read: Callable[[], T]) -> T:
+        """``read()``, again after 1, 2, 4, ... s when object storage fails (up to ``READ_RETRIES``
+        times); local reads are not retried."""
+        return retrying(where, read) if "://" in self.root else read()
 
     def samples(self, *, worker: int = 0, num_workers: int = 1) -> Iterator[PatchSample]:
         """Endless patch samples of one worker's stream (all workers see all cases)."""

@@ -42,7 +42,9 @@ def scaling_config(group: WorkerGroup) -> Any:
     )
 
 
-def run_config(group: WorkerGroup, storage_path: Path) -> Any:
+def run_config(group: WorkerGroup, storage_path: str | Path) -> Any:
+    """Ray's run configuration; ``storage_path`` is a shared folder or a URL (``s3://bucket/runs``), which
+    Ray opens with pyarrow's file system (``AWS_ENDPOINT_URL`` and the usual credentials apply)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     return RunConfig(  # type: ignore[call-arg]  # mypy sees ray.air's RunConfig; Train V2 has the field
@@ -57,7 +59,7 @@ def run_config(group: WorkerGroup, storage_path: Path) -> Any:
 def build_trainer(
     group: WorkerGroup,
     *,
-    storage_path: Path,
+    storage_path: str | Path,
     train_loop: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
 ) -> Any:

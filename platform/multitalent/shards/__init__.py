@@ -28,6 +28,7 @@ from multitalent.shards.zarr_store import (
     open_case_zarr,
     verify_case_zarr,
     write_case_zarr,
+    zarr_case_location,
     zarr_case_path,
 )
 
@@ -60,5 +61,6 @@ __all__ = [
     "write_case_zarr",
     "write_manifest",
     "write_shards",
+    "zarr_case_location",
     "zarr_case_path",
 ]

@@ -102,8 +102,15 @@ def replace_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden sibling, fsync it, then rename it over ``path``."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a hidden sibling, fsync it, then rename it over ``path``; for a URL, write
+    a hidden temporary object and publish it (:func:`multitalent.storage.write_bytes_atomic`)."""
+    from multitalent import storage
+
+    if storage.is_url(path):
+        storage.write_bytes_atomic(path, data)
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
@@ -117,17 +124,26 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def remove_temp_entries(out_root: Path) -> list[Path]:
+def remove_temp_entries(out_root: str | Path) -> list[Path] | list[str]:
     """Delete leftovers (``.tmp-*``) of interrupted writers in a collection: in ``out_root``,
-    ``out_root/wds`` and every ``out_root/zarr/<dataset_id>``. Returns what was removed.
+    ``out_root/wds`` and every ``out_root/zarr/<dataset_id>``. Returns what was removed (paths, or
+    URLs for a URL root).
 
-    Call only when no writer is running on ``out_root`` (e.g. at the start of a conversion).
+    ``out_root`` may be a URL (``s3://bucket/collection``). Call only when no writer is running on
+    ``out_root`` (e.g. at the start of a conversion).
     """
+    from multitalent import storage
+
+    if storage.is_url(out_root):
+        root = str(out_root)
+        zarr_root = storage.join(root, "zarr")
+        datasets = [storage.join(zarr_root, d) for d in storage.list_names(zarr_root)]
+        return storage.remove_temp_entries([root, storage.join(root, "wds"), *datasets])
     out_root = Path(out_root)
     folders = [out_root, out_root / "wds"]
     if (out_root / "zarr").is_dir():
         folders += sorted(p for p in (out_root / "zarr").iterdir() if p.is_dir())
-    removed = []
+    removed: list[Path] = []
     for folder in folders:
         if not folder.is_dir():
             continue

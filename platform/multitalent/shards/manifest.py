@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multitalent import storage
 from multitalent.shards._common import FORMAT_VERSION, ShardError, canonical, write_bytes_atomic
 from multitalent.shards.wds_shards import ShardInfo
 from multitalent.shards.zarr_store import CaseRecord
@@ -93,15 +94,15 @@ def manifest_dict(
 
 
 def write_manifest(
-    out_root: Path,
+    out_root: str | Path,
     records: Sequence[CaseRecord],
     shards: Sequence[ShardInfo],
     *,
     plan_sha256: str,
     catalog_hash: str,
     failures: Iterable[Any] = (),
-) -> Path:
-    """Write ``<out_root>/manifest.json`` atomically and return its path.
+) -> Path | str:
+    """Write ``<out_root>/manifest.json`` atomically and return its path (a URL for a URL root).
 
     Every case appears once with dataset id, case id, zarr path, shard, sha256, shape, classes,
     nbytes and its extra attributes (``meta``); shards with name, size, sha256 and sample keys in
@@ -115,8 +116,13 @@ def write_manifest(
     if clash:
         raise ValueError(f"cases both converted and failed: {clash[:5]}")
     content = manifest_dict(records, shards, plan_sha256=plan_sha256, catalog_hash=catalog_hash)
+    data = (json.dumps(content, indent=1, sort_keys=True) + "\n").encode("ascii")
+    if storage.is_url(out_root):
+        url = storage.join(out_root, MANIFEST_NAME)
+        write_bytes_atomic(url, data)
+        return url
     path = Path(out_root) / MANIFEST_NAME
-    write_bytes_atomic(path, (json.dumps(content, indent=1, sort_keys=True) + "\n").encode("ascii"))
+    write_bytes_atomic(path, data)
     return path
 
 

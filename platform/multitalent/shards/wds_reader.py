@@ -91,27 +91,70 @@ def open_shard(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
         raise ShardError(url, f"cannot open shard ({type(e).__name__}: {e})") from e
 
 
+READ_RETRIES = 5  # reopenings of a remote shard whose read failed mid-way
+RETRY_BACKOFF_S = 1.0  # waits 1, 2, 4, 8, 16 s between them (plus the client's own retries)
+
+
 def iter_shard_samples(
-    url: str, *, storage_options: Mapping[str, Any] | None = None
+    url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    retries: int = READ_RETRIES,
+    backoff_s: float = RETRY_BACKOFF_S,
 ) -> Iterator[dict[str, Any]]:
     """Raw WebDataset samples (``__key__`` plus member bytes) of one tar shard, in file order.
 
-    Decode the ones you keep with :func:`decode_wds_sample`.
+    Decode the ones you keep with :func:`decode_wds_sample`. A shard on object storage (a URL other than
+    ``file://`` and ``pipe:``) whose open or read fails because of the store (network, timeouts, the
+    store's errors) is reopened after ``backoff_s``, ``2 * backoff_s``, ... and read on after the
+    samples already yielded, up to ``retries`` times: the samples come out exactly once, in order.
 
     Raises:
-        ShardError: naming ``url``, when the shard cannot be opened or is not a readable tar.
+        ShardError: naming ``url``, when the shard cannot be opened or is not a readable tar, or the
+            store still fails after ``retries`` reopenings (the message says so).
     """
+    import time
+
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    stream = open_shard(url, storage_options=storage_options)
-    try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-    except ShardError:
-        raise
-    except Exception as e:
-        raise ShardError(url, f"unreadable shard ({type(e).__name__}: {e})") from e
-    finally:
-        stream.close()
+    from multitalent import storage
+
+    retryable = urlparse(url).scheme not in ("", "file", "pipe") and not Path(url).exists()
+    yielded = 0
+    attempt = 0
+    opened = False
+    while True:
+        stream: BinaryIO | None = None
+        seen = 0
+        try:
+            stream = open_shard(url, storage_options=storage_options)
+            opened = True
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                seen += 1
+                if seen <= yielded:
+                    continue  # read again after a reopening; already given out
+                yielded += 1
+                yield sample
+            return
+        except Exception as e:
+            # a shard that opened and then is "not found" is the store failing (restarted empty, say)
+            store_failure = storage.is_store_failure(e, missing_is_failure=opened)
+            if retryable and attempt < retries and store_failure:
+                attempt += 1
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+                continue
+            if retryable and attempt and store_failure:
+                raise ShardError(
+                    url,
+                    f"the object store failed {attempt + 1} times in a row, last after {yielded} sample(s) "
+                    f"({storage.describe_failure(e)})",
+                ) from e
+            if isinstance(e, ShardError):
+                raise
+            raise ShardError(url, f"unreadable shard ({type(e).__name__}: {e})") from e
+        finally:
+            if stream is not None:
+                stream.close()
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -16,14 +16,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
+from multitalent import storage
 from multitalent.shards._common import (
     ShardError,
     canonical_json,
-    temp_sibling,
 )
 from multitalent.shards.digest import case_digest, file_sha256
 from multitalent.shards.zarr_store import CaseRecord, open_case_zarr
@@ -63,11 +63,11 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _case_members(out_root: Path, rec: CaseRecord, zstd_level: int | None) -> list[tuple[str, bytes]]:
+def _case_members(out_root: str | Path, rec: CaseRecord, zstd_level: int | None) -> list[tuple[str, bytes]]:
     """The tar members of one case, read back from its Zarr store and checked against ``rec.sha256``."""
     from numcodecs import Zstd
 
-    path = out_root / rec.zarr_path
+    path = storage.join(out_root, rec.zarr_path)
     zc = open_case_zarr(path)
     arrays = {
         "image": np.asarray(zc.image[...]),
@@ -122,12 +122,43 @@ def _order(records: Sequence[CaseRecord], order: str) -> list[CaseRecord]:
     raise ValueError(f"order must be 'hashed' or 'sorted', got {order!r}")
 
 
+class _HashingSink:
+    """A write-only file object that hashes and counts what passes through to ``target``."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self.target = target
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.nbytes += len(data)
+        self.target.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.nbytes
+
+
 class _ShardWriter:
-    def __init__(self, wds_dir: Path, index: int) -> None:
-        self.final = wds_dir / SHARD_PATTERN.format(index)
-        self.tmp = temp_sibling(self.final)
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in close()/discard())
-        self.tar = tarfile.TarFile(fileobj=self.file, mode="w", format=_TAR_FORMAT, encoding="utf-8")
+    """One shard being written under a hidden name: a local file, or an object streamed to a hidden
+    key of the store (multipart upload, no local copy) when ``wds_dir`` is a URL."""
+
+    def __init__(self, wds_dir: Path | str, index: int) -> None:
+        name = SHARD_PATTERN.format(index)
+        self.remote = storage.is_url(wds_dir)
+        self.final = storage.join(wds_dir, name)
+        self.tmp = storage.join(wds_dir, storage.temp_name(name))
+        self.sink: _HashingSink | None = None
+        if self.remote:
+            self.fs, tmp_path = storage.filesystem(self.tmp)
+            self.file: Any = self.fs.open(tmp_path, "wb")
+            self.sink = _HashingSink(self.file)
+            fileobj: Any = self.sink
+        else:
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in close()/discard())
+            fileobj = self.file
+        self.tar = tarfile.TarFile(fileobj=fileobj, mode="w", format=_TAR_FORMAT, encoding="utf-8")
         self.keys: list[str] = []
         self.content_bytes = 0
 
@@ -139,23 +170,41 @@ class _ShardWriter:
 
     def close(self) -> ShardInfo:
         self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        size = self.tmp.stat().st_size
+        if self.sink is not None:
+            self.file.close()  # completes the upload: the hidden object becomes readable
+            size, digest = self.sink.nbytes, self.sink.sha256.hexdigest()
+        else:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            size, digest = Path(self.tmp).stat().st_size, file_sha256(self.tmp)
         if size != _file_bytes(self.content_bytes):  # our size model decides the packing; keep it honest
             raise RuntimeError(f"{self.tmp}: tar is {size} bytes, expected {_file_bytes(self.content_bytes)}")
-        return ShardInfo(
-            name=self.final.name, keys=tuple(self.keys), nbytes=size, sha256=file_sha256(self.tmp)
-        )
+        return ShardInfo(name=storage.name_of(self.final), keys=tuple(self.keys), nbytes=size, sha256=digest)
 
     def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            if self.remote:
+                self.file.discard()  # aborts the multipart upload
+                self.file.closed = True  # so that garbage collection commits nothing
+            else:
+                self.file.close()
+        finally:
+            storage.remove_tree(self.tmp)
+
+    def publish(self) -> None:
+        """Make the finished shard visible under its final name."""
+        if self.remote:
+            _, final = storage.filesystem(self.final)
+            _, tmp = storage.filesystem(self.tmp)
+            self.fs.copy(tmp, final)
+            self.fs.rm(tmp)
+        else:
+            Path(self.tmp).replace(self.final)
 
 
 def write_shards(
-    out_root: Path,
+    out_root: str | Path,
     records: Sequence[CaseRecord],
     *,
     max_cases_per_shard: int | None,
@@ -170,7 +219,9 @@ def write_shards(
     its own. Output is byte-identical across runs: fixed member metadata, a fixed case order
     (``hashed``: sha256 of the key, mixing datasets in every shard; ``sorted``: by dataset, case),
     members sorted within a case. All shards are written to hidden temporary files first and
-    renamed at the end; shard files of an earlier run beyond the new count are removed.
+    renamed at the end; shard files of an earlier run beyond the new count are removed. For a URL
+    ``out_root`` each shard streams to a hidden object (no local copy) and is published at the end by
+    a copy to its final key.
 
     Raises:
         ValueError: duplicate keys or non-positive limits.
@@ -182,9 +233,13 @@ def write_shards(
     dupes = sorted(k for k, n in Counter(r.key for r in records).items() if n > 1)
     if dupes:
         raise ValueError(f"duplicate cases in records: {dupes[:5]}")
-    out_root = Path(out_root)
-    wds_dir = out_root / "wds"
-    wds_dir.mkdir(parents=True, exist_ok=True)
+    wds_dir: Path | str
+    if storage.is_url(out_root):
+        wds_dir = storage.join(out_root, "wds")
+    else:
+        out_root = Path(out_root)
+        wds_dir = out_root / "wds"
+        wds_dir.mkdir(parents=True, exist_ok=True)
 
     writers: list[_ShardWriter] = []
     infos: list[ShardInfo] = []
@@ -213,9 +268,9 @@ def write_shards(
             w.discard()
         raise
     for w in writers:
-        w.tmp.replace(w.final)
+        w.publish()
     keep = {i.name for i in infos}
-    for stale in wds_dir.glob("shard-*.tar"):
-        if stale.name not in keep:
-            stale.unlink()
+    for name in storage.list_names(wds_dir):
+        if name.startswith("shard-") and name.endswith(".tar") and name not in keep:
+            storage.remove_tree(storage.join(wds_dir, name))
     return infos

@@ -11,6 +11,7 @@ Layout of ``<out_root>/zarr/<dataset_id>/<case_id>.zarr``::
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from multitalent import storage
 from multitalent.shards._common import (
     FORMAT_VERSION,
     TMP_PREFIX,
@@ -45,6 +47,7 @@ CORE_ATTRS = (
     "sha256",
     "format_version",
 )
+ROOT_MARKER = "zarr.json"  # a store is finished when its root metadata exists (written/copied last)
 ARRAY_DTYPES = {"image": np.dtype(np.int16), "label": np.dtype(np.uint8), "fg_locations": np.dtype(np.int32)}
 
 
@@ -175,10 +178,16 @@ def zarr_relpath(dataset_id: str, case_id: str) -> str:
 
 
 def zarr_case_path(out_root: Path, dataset_id: str, case_id: str) -> Path:
-    """``<out_root>/zarr/<dataset_id>/<case_id>.zarr``."""
+    """``<out_root>/zarr/<dataset_id>/<case_id>.zarr`` (a local output root)."""
     return Path(out_root) / zarr_relpath(
         check_id(dataset_id, what="dataset_id"), check_id(case_id, what="case_id")
     )
+
+
+def zarr_case_location(out_root: str | Path, dataset_id: str, case_id: str) -> str:
+    """:func:`zarr_case_path` for a local output root or a URL (``s3://bucket/collection``)."""
+    rel = zarr_relpath(check_id(dataset_id, what="dataset_id"), check_id(case_id, what="case_id"))
+    return storage.join(out_root, rel)
 
 
 def _codecs(spec: str) -> list[Any]:
@@ -263,8 +272,27 @@ def _create(
     arr[...] = data
 
 
+class _UrlPrefix:
+    """Creates arrays under a URL prefix (zarr's fsspec store) without writing the group's own zarr.json."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create_array(self, *, name: str, **kwargs: Any) -> Any:
+        import zarr
+
+        return zarr.create_array(store=f"{self.url}/{name}", zarr_format=3, **kwargs)
+
+
+def _write_marker(url: str, attrs: Mapping[str, Any]) -> None:
+    """The group's root ``zarr.json`` with the case attributes: written last, it makes the store visible."""
+    import zarr
+
+    zarr.create_group(store=url, zarr_format=3, attributes=dict(attrs))
+
+
 def write_case_zarr(
-    out_root: Path,
+    out_root: str | Path,
     case: CaseLike,
     *,
     dataset_id: str,
@@ -275,7 +303,9 @@ def write_case_zarr(
     """Write ``case`` to ``<out_root>/zarr/<dataset_id>/<case_id>.zarr`` and return its record.
 
     The store is built in a hidden ``.tmp-*`` sibling and renamed into place, replacing an existing
-    store; readers never see a half-written one. ``extra_attrs`` (JSON-able, e.g. ``plan_sha256``)
+    store; readers never see a half-written one. ``out_root`` may be a URL (``s3://bucket/prefix``):
+    the arrays are then written through zarr's fsspec store under the final prefix and the root
+    ``zarr.json``, which readers require, last. ``extra_attrs`` (JSON-able, e.g. ``plan_sha256``)
     are stored beside the core attributes, enter the digest and come back as ``CaseRecord.meta``.
 
     Raises:
@@ -290,20 +320,16 @@ def write_case_zarr(
     attrs = _case_attrs(case, label, dataset_id=dataset_id, case_id=case_id, extra_attrs=extra_attrs)
     attrs["sha256"] = case_digest(image=image, label=label, fg_locations=fg, attrs=attrs)
 
-    final = zarr_case_path(out_root, dataset_id, case_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(final)
-    try:
-        group = zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs)
+    def fill(parent: Any) -> None:
         vol: dict[str, Any] = {
             "chunks": layout.chunks_zyx,
             "shards": layout.shards_zyx,
             "dims": ("z", "y", "x"),
         }
-        _create(group, "image", image, codec=layout.image_codec, **vol)
-        _create(group, "label", label, codec=layout.label_codec, **vol)
+        _create(parent, "image", image, codec=layout.image_codec, **vol)
+        _create(parent, "label", label, codec=layout.label_codec, **vol)
         _create(
-            group,
+            parent,
             "fg_locations",
             fg,
             chunks=(max(1, len(fg)), 4),
@@ -311,6 +337,27 @@ def write_case_zarr(
             codec="zstd:3",
             dims=("point", "czyx"),
         )
+
+    if storage.is_url(out_root):
+        # Object storage has no rename: write the arrays through zarr's fsspec store straight under the
+        # final prefix and the group's root zarr.json (the marker readers require) last; an old store
+        # loses its marker first, so readers see the old store, then none, then the new one.
+        final_url = zarr_case_location(out_root, dataset_id, case_id)
+        storage.remove_tree(storage.join(final_url, ROOT_MARKER))
+        storage.remove_tree(final_url)
+        try:
+            fill(_UrlPrefix(final_url))
+            _write_marker(final_url, attrs)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort; without its marker it is invisible anyway
+                storage.remove_tree(final_url)
+            raise
+        return _record(attrs, image.nbytes + label.nbytes + fg.nbytes)
+    final = zarr_case_path(Path(out_root), dataset_id, case_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    try:
+        fill(zarr.create_group(store=str(tmp), zarr_format=3, attributes=attrs))
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -365,35 +412,43 @@ def open_case_zarr(path: str | Path, *, storage_options: Mapping[str, Any] | Non
 
 
 def check_case_zarr(path: str | Path) -> CaseRecord:
-    """Re-read a local case store, recompute its digest and return its record.
+    """Re-read a case store (local or a URL), recompute its digest and return its record.
 
     Raises:
         ShardError: missing or half-written store, missing attribute or array, wrong shapes or
             dtypes, unreadable chunk, or a digest that differs from the stored ``sha256``.
     """
-    path = Path(path)
-    if path.name.startswith(TMP_PREFIX):
-        raise ShardError(path, "is a temporary store of an unfinished write")
-    if not (path / "zarr.json").is_file():
-        raise ShardError(path, "no zarr.json: not a (finished) Zarr v3 store")
-    case = open_case_zarr(path)
+    where = str(path).rstrip("/")
+    name = storage.name_of(where)
+    parent = storage.name_of(where[: -len(name)])
+    if name.startswith(TMP_PREFIX):
+        raise ShardError(where, "is a temporary store of an unfinished write")
+    try:
+        finished = storage.is_file(storage.join(where, ROOT_MARKER))
+    except Exception as e:
+        if storage.is_store_failure(e):
+            raise ShardError(where, f"cannot read ({storage.describe_failure(e)})") from e
+        raise
+    if not finished:
+        raise ShardError(where, f"no {ROOT_MARKER}: not a (finished) Zarr v3 store")
+    case = open_case_zarr(where)
     meta = case.meta
-    if path.name != f"{meta['case_id']}.zarr" or path.parent.name != meta["dataset_id"]:
-        raise ShardError(path, f"path does not match attributes {meta['dataset_id']}/{meta['case_id']}")
+    if name != f"{meta['case_id']}.zarr" or parent != meta["dataset_id"]:
+        raise ShardError(where, f"path does not match attributes {meta['dataset_id']}/{meta['case_id']}")
     shape = tuple(meta["shape_zyx"])
     if case.image.shape != shape or case.label.shape != shape:
         raise ShardError(
-            path, f"array shapes {case.image.shape}/{case.label.shape} differ from shape_zyx {shape}"
+            where, f"array shapes {case.image.shape}/{case.label.shape} differ from shape_zyx {shape}"
         )
     if case.fg_locations.ndim != 2 or case.fg_locations.shape[1] != 4:
-        raise ShardError(path, f"fg_locations has shape {case.fg_locations.shape}, expected (N, 4)")
+        raise ShardError(where, f"fg_locations has shape {case.fg_locations.shape}, expected (N, 4)")
     try:
         digest = case_digest(image=case.image, label=case.label, fg_locations=case.fg_locations, attrs=meta)
     except Exception as e:
-        raise ShardError(path, f"unreadable chunk ({type(e).__name__}: {e})") from e
+        raise ShardError(where, f"unreadable chunk ({type(e).__name__}: {e})") from e
     if digest != meta["sha256"]:
         raise ShardError(
-            path, f"content digest {digest[:12]}… differs from stored sha256 {str(meta['sha256'])[:12]}…"
+            where, f"content digest {digest[:12]}… differs from stored sha256 {str(meta['sha256'])[:12]}…"
         )
     fg_bytes = case.fg_locations.nbytes
     return _record(meta, case.image.nbytes + case.label.nbytes + fg_bytes)

@@ -28,9 +28,14 @@ Public API (lazily imported from this package):
   with DeepSpeed's files under ``deepspeed/``, ``model.pt`` (full state dict, rank 0),
   ``trainer_state.json``, ``history.npz``, ``rank-<r>.rng.pt`` and ``rank-<r>.sha256.json`` manifests;
   ``verify_checkpoint(folder)``, ``run_checkpoints(run_dir)``, ``choose_resume(candidates)``.
-- The MLflow store defaults to ``sqlite:///<run_dir>/mlflow.db`` (artifacts in ``<run_dir>/mlartifacts``);
-  ``<run_dir>/mlflow_run_id`` names the run, so every launch and restart of a run directory logs to
-  one MLflow run.
+- The MLflow store defaults to ``sqlite:///<storage_path>/mlflow.db`` (artifacts in
+  ``<storage_path>/mlartifacts``); ``<run_dir>/mlflow_run_id`` names the run, so every launch and restart
+  of a run directory logs to one MLflow run.
+- Object storage (``run.storage_path: s3://bucket/prefix``): Ray uploads the checkpoint folders to
+  ``<storage_path>/<name>/`` (``TrainJob.run_location``); a launch downloads the newest that verifies
+  (``checkpoint_locations``, ``choose_remote_resume``). What cannot live there (``progress.jsonl``,
+  ``mlflow_run_id``, the default sqlite store) goes to ``run.local_path`` (``TrainJob.run_dir`` is then
+  ``<local_path>/<name>``, ``TrainResult.checkpoint`` a URL).
 
 Modules: ``job``, ``launch`` (driver), ``loop`` (worker: ``train_loop_per_worker``, ``Trainer``),
 ``callbacks`` (tracking, validation, checkpoint cadence), ``batches`` (per-iteration reproducible data),

@@ -8,6 +8,11 @@ the manifests of all ``world_size`` ranks are there and every file they list exi
 digest. A run resumes from the newest verified folder and never from one that fails, whatever Ray
 reports as its latest checkpoint.
 
+With ``run.storage_path`` on object storage (``s3://...``) Ray uploads the merged folder to
+``<storage_path>/<name>/<checkpoint dir>``; a launch lists the folders there, downloads the newest,
+verifies it the same way and falls back to the next one when it fails (:func:`choose_remote_resume`):
+an upload interrupted mid-way lacks a manifest or a listed object, so it is never resumed from.
+
 Folder names are ``ckpt-it<iteration, 9 digits>-<attempt>``, ``iteration`` the next iteration to run
 and ``attempt`` a random token per launch of the worker group, so a launch that falls back to an older
 checkpoint never writes into the folder of a rejected one.
@@ -154,11 +159,13 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
 
 @dataclass
 class ResumeChoice:
-    """The folder to resume from (``None``: start fresh) and the rejected newer candidates."""
+    """The folder to resume from (``None``: start fresh) and the rejected newer candidates; ``source``:
+    the URL the folder was downloaded from (object storage), else ``None``."""
 
     folder: Path | None
     state: TrainerState | None
     rejected: list[str]
+    source: str | None = None
 
 
 def choose_resume(candidates: Iterable[Path]) -> ResumeChoice:
@@ -174,6 +181,59 @@ def choose_resume(candidates: Iterable[Path]) -> ResumeChoice:
             return ResumeChoice(folder, verify_checkpoint(folder), rejected)
         except CheckpointError as e:
             rejected.append(str(e))
+    return ResumeChoice(None, None, rejected)
+
+
+def checkpoint_locations(run_location: str) -> list[str]:
+    """Checkpoint folders of a run at a local path or a URL (``s3://bucket/runs/<name>``), newest first
+    by iteration (then by name), as paths or URLs. Nothing is downloaded."""
+    from multitalent import storage
+
+    found = [(it, n) for n in storage.list_names(run_location) if (it := parse_dir_name(n)) is not None]
+    found.sort(reverse=True)
+    return [storage.join(run_location, n) for _, n in found]
+
+
+def fetch_checkpoint(url: str, dest: Path) -> Path:
+    """Download the checkpoint folder at ``url`` into ``dest/<folder name>`` (replacing what is there)
+    and return that local folder. An object-store failure propagates (the launch fails; it is not a
+    bad checkpoint)."""
+    import shutil
+
+    from multitalent import storage
+
+    local = Path(dest) / storage.name_of(url)
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    fs, path = storage.filesystem(url)
+    root = path.rstrip("/")
+    # keys ending in "/" are folder markers some writers (pyarrow) create; they hold no data
+    keys = [k for k in fs.find(root) if not k.endswith("/")]
+    targets = [local / k[len(root) + 1 :] for k in keys]
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+    if keys:
+        fs.get(keys, [str(t) for t in targets])
+    return local
+
+
+def choose_remote_resume(candidates: Iterable[str], scratch: Path) -> ResumeChoice:
+    """:func:`choose_resume` for checkpoint folders in object storage: each candidate (newest first) is
+    downloaded into ``scratch`` and verified there; the first that verifies is the choice, with
+    ``folder`` its local copy and ``source`` its URL. A folder whose upload was interrupted (a rank's
+    manifest or a listed file missing, a size or digest that differs) is rejected like a corrupt one."""
+    import shutil
+
+    rejected: list[str] = []
+    for url in candidates:
+        local = fetch_checkpoint(url, scratch)
+        try:
+            state = verify_checkpoint(local)
+        except CheckpointError as e:
+            rejected.append(str(e).replace(str(local), url))
+            shutil.rmtree(local, ignore_errors=True)
+            continue
+        return ResumeChoice(local, state, rejected, source=url)
     return ResumeChoice(None, None, rejected)
 
 

@@ -38,7 +38,7 @@ class DataSetup:
     with fewer than 5 cases train on all of them), ``val_cases`` cut to ``validation.max_cases``.
     """
 
-    root: Path
+    root: str  # a local path or a URL (s3://bucket/collection)
     catalog: Catalog
     plan: Plan
     train_cases: list[Any]
@@ -50,30 +50,39 @@ class DataSetup:
 
 
 def load_data_setup(job: TrainJob, *, catalog: Catalog | None = None) -> DataSetup:
-    """Load the plan (``plan.json``) and ``manifest.json`` of ``job.shards.path`` and split the cases.
+    """Load the plan (``plan.json``) and ``manifest.json`` of ``job.shards.path`` (a local folder or a
+    URL: nothing but these JSON files is read here) and split the cases.
 
     Raises:
         FileNotFoundError: the folder, its plan or its manifest is missing (convert first).
         PlanError: the plan is unreadable or invalid.
         ValueError: the shards were converted for another label space than the job's catalog.
     """
+    from multitalent import storage
     from multitalent.data.sampling import split_collection
-    from multitalent.preprocess.plan import PLAN_FILE, Plan
+    from multitalent.preprocess.plan import PLAN_FILE, Plan, PlanError
     from multitalent.shards import load_manifest
 
-    root = Path(job.shards.path)
-    plan_path = root / PLAN_FILE
-    if not plan_path.is_file():
+    root = job.shards.path if storage.is_url(job.shards.path) else str(Path(job.shards.path))
+    plan_path = storage.join(root, PLAN_FILE)
+    if not storage.is_file(plan_path):
         raise FileNotFoundError(
             f"{plan_path}: no {PLAN_FILE}; convert the collection first (multitalent convert JOB.yaml) "
             "or point shards.path at a converted folder"
         )
     catalog = catalog or load_catalog(job.catalog)
-    plan = Plan.load(plan_path)
+    if storage.is_url(plan_path):
+        try:
+            plan = Plan.from_json(storage.read_text(plan_path))
+        except PlanError as e:
+            raise PlanError(f"{plan_path}: {e}") from None
+    else:
+        plan = Plan.load(plan_path)
     manifest = load_manifest(root)
     if manifest.catalog_hash != catalog.hash:
         raise ValueError(
-            f"{root / 'manifest.json'}: converted for catalog hash {manifest.catalog_hash}, but the job's "
+            f"{storage.join(root, 'manifest.json')}: converted for catalog hash {manifest.catalog_hash}, "
+            "but the job's "
             f"catalog {job.catalog!r} has hash {catalog.hash}; convert with the same catalog"
         )
     train, val = split_collection(root, list(manifest.cases), job.validation.fold)
@@ -137,12 +146,14 @@ def webdataset_source_factory(
     job: TrainJob, setup: DataSetup, *, patch_zyx: tuple[int, int, int], rank: int, world_size: int
 ) -> Any:
     """``make(epoch)`` -> a ``WebDatasetPatchSource`` streaming that epoch's batches of ``rank``."""
+    from multitalent import storage
     from multitalent.data.sources import WebDatasetPatchSource
     from multitalent.shards import shard_urls
 
     urls = shard_urls(setup.root)
     if not urls:
-        raise FileNotFoundError(f"{setup.root / 'wds'}: no WebDataset shards (shards.source: webdataset)")
+        where = storage.join(setup.root, "wds")
+        raise FileNotFoundError(f"{where}: no WebDataset shards (shards.source: webdataset)")
 
     def make(epoch: int) -> Any:
         source = WebDatasetPatchSource(
@@ -526,7 +537,7 @@ def assemble(
     spacing = setup.spacing_zyx_mm if setup is not None else DEFAULT_SPACING_ZYX_MM
     if package is not None:
         if setup is not None:
-            check_plan(setup.plan, package, where=str(setup.root / PLAN_FILE))
+            check_plan(setup.plan, package, where=f"{setup.root.rstrip('/')}/{PLAN_FILE}")
         else:
             spacing = package.plan.target_spacing_zyx_mm
         check_architecture(job, package, spacing)

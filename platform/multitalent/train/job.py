@@ -144,8 +144,13 @@ class TrackingSection(StrictModel):
 
 
 class RunSection(StrictModel):
-    storage_path: str = "runs"  # Ray Train storage; must be shared by all nodes (local path or NFS)
+    # Ray Train storage; must be shared by all nodes: a local path, NFS, or object storage (s3://bucket/prefix)
+    storage_path: str = "runs"
     name: str = "pretrain"  # the run directory is storage_path/name; re-launching it resumes
+    # Only when storage_path is a URL: the local folder for what cannot live in object storage (the run's
+    # progress.jsonl and mlflow_run_id under local_path/name; the default sqlite MLflow store
+    # local_path/mlflow.db)
+    local_path: str = "runs"
     seed: int = Field(default=0, ge=0)
 
 
@@ -328,9 +333,29 @@ class TrainJob(StrictModel):
         return self.batch.global_size // self.workers.num_workers
 
     @property
+    def remote_storage(self) -> bool:
+        """Whether ``run.storage_path`` is object storage (a URL such as ``s3://bucket/runs``)."""
+        return "://" in self.run.storage_path
+
+    @property
+    def local_root(self) -> Path:
+        """The local folder of the run files: ``storage_path``, or ``local_path`` when that is a URL."""
+        root = self.run.local_path if self.remote_storage else self.run.storage_path
+        return Path(root).expanduser().resolve()
+
+    @property
     def run_dir(self) -> Path:
-        """``storage_path/name``: Ray's checkpoints, the sqlite MLflow store, the run's files."""
-        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+        """The run's local folder, ``storage_path/name``: Ray's checkpoints, the run's files. With
+        object storage, ``local_path/name`` (progress, MLflow run id); checkpoints are at
+        :attr:`run_location`."""
+        return self.local_root / self.run.name
+
+    @property
+    def run_location(self) -> str:
+        """Where the run's checkpoints are: ``storage_path/name`` as a local path or a URL."""
+        if self.remote_storage:
+            return f"{self.run.storage_path.rstrip('/')}/{self.run.name}"
+        return str(self.run_dir)
 
 
 def load_train_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainJob:

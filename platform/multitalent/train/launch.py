@@ -35,12 +35,13 @@ class TrainResult:
     loss over ranks of iteration ``loss_iterations[i]`` (NaN: skipped as non-finite); both cover
     the whole run (earlier launches included). ``checkpoint`` is the final checkpoint folder.
     ``validation``: the metrics of the last validation pass seen (``val/dice/...``), done at
-    ``validation_iteration`` iterations; empty when none ran.
+    ``validation_iteration`` iterations; empty when none ran. ``run_dir`` is the run's local folder
+    (:attr:`TrainJob.run_dir`); with object storage the checkpoints are under ``TrainJob.run_location``.
     """
 
     ray_result: Any
     run_dir: Path
-    checkpoint: Path | None
+    checkpoint: Path | str | None  # a URL when run.storage_path is object storage
     mlflow_run_id: str | None
     tracking_uri: str
     iterations: int
@@ -59,13 +60,20 @@ def absolute_paths(job: TrainJob, base: Path | None = None) -> TrainJob:
     base = (base or Path.cwd()).resolve()
 
     def absolute(p: str) -> str:
+        if "://" in p:  # a URL (object storage) stays as it is
+            return p
         q = Path(p).expanduser()
-        return str(q if q.is_absolute() or "://" in p else (base / q).resolve())
+        return str(q if q.is_absolute() else (base / q).resolve())
 
     return job.model_copy(
         update={
             "shards": job.shards.model_copy(update={"path": absolute(job.shards.path)}),
-            "run": job.run.model_copy(update={"storage_path": absolute(job.run.storage_path)}),
+            "run": job.run.model_copy(
+                update={
+                    "storage_path": absolute(job.run.storage_path),
+                    "local_path": absolute(job.run.local_path),
+                }
+            ),
         }
     )
 
@@ -78,12 +86,31 @@ def tracking_uri(job: TrainJob) -> str:
     Before 2026-11-30 the default was one store per run (``<storage_path>/<name>/mlflow.db``); to keep
     logging an old run there, set ``tracking.uri: sqlite:///<storage_path>/<name>/mlflow.db``
     (README, "Where MLflow stores runs").
+
+    With object storage (``storage_path: s3://...``) the sqlite store cannot live there: it is
+    ``sqlite:///<run.local_path>/mlflow.db`` (default ``runs/mlflow.db``) on the machine of rank 0 and
+    the driver; on a cluster of several machines set ``tracking.uri`` to an MLflow server instead.
     """
-    storage = Path(job.run.storage_path).expanduser().resolve()
-    return job.tracking.uri or f"sqlite:///{storage / 'mlflow.db'}"
+    return job.tracking.uri or f"sqlite:///{job.local_root / 'mlflow.db'}"
+
+
+def check_locations(job: TrainJob, *, write: bool = True) -> None:
+    """Before any work: a URL ``shards.path`` must be readable and a URL ``run.storage_path`` writable
+    (``write``) with the credentials and endpoint of this environment (no-op for local paths).
+
+    Raises:
+        StorageError: ``"<URL>: <cause>"``: no credentials, unreachable endpoint, no such bucket, no
+            permission.
+    """
+    from multitalent import storage
+
+    storage.preflight(job.shards.path, write=False)
+    storage.preflight(job.run.storage_path, write=write)
 
 
 def _result_from_checkpoint(ray_result: Any, job: TrainJob) -> TrainResult:
+    if job.remote_storage:
+        return _result_from_remote_checkpoint(ray_result, job)
     run_dir = job.run_dir
     folder: Path | None = None
     if ray_result is not None and getattr(ray_result, "checkpoint", None) is not None:
@@ -97,6 +124,47 @@ def _result_from_checkpoint(ray_result: Any, job: TrainJob) -> TrainResult:
         state = TrainerState.from_json((folder / STATE_FILE).read_text(), where=str(folder))
         i, lo = load_history(folder)
         its, losses = i.tolist(), lo.tolist()
+    return _result(ray_result, job, folder, state, its, losses)
+
+
+def _result_from_remote_checkpoint(ray_result: Any, job: TrainJob) -> TrainResult:
+    """The result of a run whose checkpoints are in object storage: Ray's final checkpoint (its folder
+    name under :attr:`TrainJob.run_location`), else the newest one there; read without downloading the
+    weights."""
+    import io
+
+    import numpy as np
+
+    from multitalent import storage
+    from multitalent.train.checkpoint import HISTORY_FILE, checkpoint_locations
+
+    folder: str | None = None
+    if ray_result is not None and getattr(ray_result, "checkpoint", None) is not None:
+        folder = storage.join(job.run_location, storage.name_of(ray_result.checkpoint.path))
+    if folder is None:
+        found = checkpoint_locations(job.run_location)
+        folder = found[0] if found else None
+    state = TrainerState()
+    its: list[int] = []
+    losses: list[float] = []
+    if folder is not None:
+        state = TrainerState.from_json(storage.read_text(storage.join(folder, STATE_FILE)), where=folder)
+        history = storage.join(folder, HISTORY_FILE)
+        if storage.is_file(history):
+            with np.load(io.BytesIO(storage.read_bytes(history))) as data:
+                its, losses = data["iteration"].tolist(), data["loss"].tolist()
+    return _result(ray_result, job, folder, state, its, losses)
+
+
+def _result(
+    ray_result: Any,
+    job: TrainJob,
+    folder: Path | str | None,
+    state: TrainerState,
+    its: list[int],
+    losses: list[float],
+) -> TrainResult:
+    run_dir = job.run_dir
     run_id = state.mlflow_run_id
     if run_id is None and (run_dir / RUN_ID_FILE).is_file():
         run_id = (run_dir / RUN_ID_FILE).read_text().strip() or None
@@ -192,6 +260,7 @@ def run_training(
     require_absolute_in_submitted_job(
         {"shards.path": job.shards.path, "run.storage_path": job.run.storage_path}, where="train job"
     )
+    check_locations(job)  # object storage: credentials, endpoint, buckets, write permission
     job = absolute_paths(job)
     deepspeed_config(job)  # configuration errors surface before any worker starts
     load_data_setup(job)
@@ -214,7 +283,7 @@ def run_training(
         waiting = _check_cluster(job, ray, emit=on_record, wait=wait_for_resources)
         trainer = build_trainer(
             worker_group(job),
-            storage_path=Path(job.run.storage_path),
+            storage_path=job.run.storage_path,
             train_loop=train_loop_per_worker,
             loop_config=loop_config,
         )
@@ -269,6 +338,7 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
     from multitalent.distributed.ray_launch import run_config, scaling_config
     from multitalent.train.components import assemble, worker_group
 
+    check_locations(job, write=False)
     job = absolute_paths(job)
     lines: list[str] = []
     warnings: list[str] = []
@@ -283,7 +353,7 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
     lines.append(f"deepspeed: {json.dumps(parts.deepspeed_config, sort_keys=True)}")
     group = worker_group(job)
     scaling_config(group)
-    run_config(group, Path(job.run.storage_path))
+    run_config(group, job.run.storage_path)
     catalog = parts.catalog
     lines.append(f"catalog: {catalog.name} ({len(catalog.datasets)} datasets, {catalog.num_classes} classes)")
     batch_shape: tuple[int, ...] | None = None
@@ -333,12 +403,26 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
         f"tracking: {tracking_uri(job) if job.tracking.enabled else 'off'}, "
         f"experiment {job.tracking.experiment!r}"
     )
-    resume = choose_resume(run_checkpoints(job.run_dir))
-    where = f"resume from {resume.folder.name}" if resume.folder is not None else "fresh start"
-    lines.append(
-        f"run: {job.run_dir} ({where}; keep {job.checkpoint.keep}, every {job.checkpoint.every_iterations})"
-    )
-    warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
+    if job.remote_storage:
+        from multitalent.train.checkpoint import checkpoint_locations
+
+        found = checkpoint_locations(job.run_location)
+        where = (
+            f"resume from the newest of {len(found)} checkpoint folder(s) that verifies, checked when the "
+            f"workers start (newest {found[0].rsplit('/', 1)[-1]})"
+            if found
+            else "fresh start"
+        )
+        lines.append(
+            f"run: {job.run_location} ({where}; keep {job.checkpoint.keep}, every "
+            f"{job.checkpoint.every_iterations}); local files in {job.run_dir}"
+        )
+    else:
+        resume = choose_resume(run_checkpoints(job.run_dir))
+        where = f"resume from {resume.folder.name}" if resume.folder is not None else "fresh start"
+        keep, every = job.checkpoint.keep, job.checkpoint.every_iterations
+        lines.append(f"run: {job.run_dir} ({where}; keep {keep}, every {every})")
+        warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
     return DryRunReport(lines, warnings, parts.deepspeed_config, batch_shape, errors)
 
 

@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -47,7 +48,10 @@ from multitalent.train.checkpoint import (
     WEIGHTS_FILE,
     TrainerState,
     checkpoint_dir_name,
+    checkpoint_locations,
+    choose_remote_resume,
     choose_resume,
+    fetch_checkpoint,
     load_history,
     order_candidates,
     run_checkpoints,
@@ -249,30 +253,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def restore(self, ray_latest: Path | None) -> None:
-        """Resume from the newest checkpoint that verifies (rank 0 decides, every rank loads)."""
-        choice = None
-        if self.rank == 0:
-            choice = choose_resume(order_candidates(ray_latest, run_checkpoints(self.run_dir)))
-        folder, rejected = self._broadcast((choice.folder, choice.rejected) if choice else None)
+        """Resume from the newest checkpoint that verifies (rank 0 decides, every rank loads).
+
+        With object storage rank 0 downloads and verifies candidates newest first, and every other
+        rank downloads the chosen folder; the local copies are deleted once loaded.
+        """
+        if not self.job.remote_storage:
+            choice = None
+            if self.rank == 0:
+                choice = choose_resume(order_candidates(ray_latest, run_checkpoints(self.run_dir)))
+            folder, rejected = self._broadcast((choice.folder, choice.rejected) if choice else None)
+            self._note_rejected(rejected)
+            if folder is not None:
+                self._load(folder, where=str(folder))
+            return
+        scratch = Path(tempfile.mkdtemp(prefix=f"multitalent-resume-r{self.rank}-"))
+        try:
+            remote = None
+            if self.rank == 0:
+                remote = choose_remote_resume(checkpoint_locations(self.job.run_location), scratch)
+            source, rejected = self._broadcast((remote.source, remote.rejected) if remote else None)
+            self._note_rejected(rejected)
+            if source is None:
+                return
+            folder = remote.folder if remote is not None and remote.folder is not None else None
+            if folder is None:
+                folder = fetch_checkpoint(source, scratch)
+            self._load(folder, where=source)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _note_rejected(self, rejected: list[str]) -> None:
         self.rejected_checkpoints = list(rejected)
         for reason in rejected:
             print(f"[multitalent] rank {self.rank}: not resuming from a bad checkpoint: {reason}", flush=True)
-        if folder is None:
-            return
-        state = TrainerState.from_json((folder / STATE_FILE).read_text(), where=str(folder))
+
+    def _load(self, folder: Path, *, where: str) -> None:
+        """Load a verified checkpoint folder (local; ``where`` names it in errors: its path or the URL
+        it was downloaded from) into this rank's engine and state."""
+        state = TrainerState.from_json((folder / STATE_FILE).read_text(), where=where)
         if state.world_size != self.world_size:
             raise RuntimeError(
-                f"{folder}: written by {state.world_size} workers, this run has {self.world_size}; "
+                f"{where}: written by {state.world_size} workers, this run has {self.world_size}; "
                 "resume with the same workers.num_workers"
             )
-        self.schedule.check_state(state.schedule, where=str(folder))
+        self.schedule.check_state(state.schedule, where=where)
         if state.phase and state.phase != self.phase.name:
             self._switch_phase(self._phase_named(state.phase))  # the engine that wrote the checkpoint
         path, _ = self.engine.load_checkpoint(
             str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
-            raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
+            raise RuntimeError(f"{where}: DeepSpeed found no checkpoint under tag {DEEPSPEED_TAG!r}")
         rng = folder / _rank_rng_file(self.rank)
         if rng.is_file():
             torch.set_rng_state(torch.load(rng, weights_only=True))

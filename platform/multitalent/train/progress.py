@@ -50,7 +50,7 @@ class TrainResult(Protocol):
     iterations: int
     optimizer_steps: int
     skipped_nonfinite: int
-    checkpoint: Path | None
+    checkpoint: Path | str | None  # a URL with object storage
     tracking_uri: str
     mlflow_run_id: str | None
     validation: dict[str, float]

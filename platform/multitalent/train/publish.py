@@ -33,31 +33,47 @@ class RunCheckpoint:
     info: dict[str, Any]
 
 
-def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> RunCheckpoint:
+def find_checkpoint(
+    run_dir: str | Path, checkpoint: str | Path | None = None, *, scratch: Path | None = None
+) -> RunCheckpoint:
     """The newest verified checkpoint of ``run_dir`` (or ``checkpoint``, which must verify).
+
+    ``run_dir`` may be a run on object storage (``s3://bucket/runs/<name>``): its newest verified
+    checkpoint is then downloaded into ``scratch`` (required), as a resumed launch would choose it.
 
     Raises:
         FileNotFoundError: no verified checkpoint (the rejected ones are listed).
         PackageError: a checkpoint written before checkpoints carried ``model_info.json``.
     """
+    from multitalent import storage
     from multitalent.train.checkpoint import (
         MODEL_INFO_FILE,
         RUN_ID_FILE,
         CheckpointError,
+        checkpoint_locations,
+        choose_remote_resume,
         choose_resume,
         run_checkpoints,
         verify_checkpoint,
     )
 
-    run_dir = Path(run_dir)
-    if checkpoint is not None:
+    remote = checkpoint is None and storage.is_url(run_dir)
+    if remote:
+        if scratch is None:
+            raise ValueError(f"{run_dir}: a run on object storage needs a scratch folder to download into")
+        choice = choose_remote_resume(checkpoint_locations(str(run_dir)), scratch)
+        if choice.folder is None or choice.state is None:
+            why = "; ".join(choice.rejected) or "none found"
+            raise FileNotFoundError(f"{run_dir}: no verified checkpoint ({why})")
+        folder, state = choice.folder, choice.state
+    elif checkpoint is not None:
         folder = Path(checkpoint)
         try:
             state = verify_checkpoint(folder)
         except CheckpointError as e:
             raise FileNotFoundError(f"not a verified checkpoint: {e}") from None
     else:
-        choice = choose_resume(run_checkpoints(run_dir))
+        choice = choose_resume(run_checkpoints(Path(run_dir)))
         if choice.folder is None or choice.state is None:
             why = "; ".join(choice.rejected) or "none found"
             raise FileNotFoundError(f"{run_dir}: no verified checkpoint ({why})")
@@ -66,8 +82,8 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -
     if not path.is_file():
         raise PackageError(f"{path}: missing; the checkpoint predates publishable checkpoints (train again)")
     run_id = state.mlflow_run_id
-    if run_id is None and (run_dir / RUN_ID_FILE).is_file():
-        run_id = (run_dir / RUN_ID_FILE).read_text().strip() or None
+    if run_id is None and not remote and (Path(run_dir) / RUN_ID_FILE).is_file():
+        run_id = (Path(run_dir) / RUN_ID_FILE).read_text().strip() or None
     return RunCheckpoint(folder, state.iteration, run_id, json.loads(path.read_text()))
 
 
@@ -132,7 +148,9 @@ def publish_run(
 ) -> Published:
     """Package the newest verified checkpoint of ``run_dir`` and publish it into the run's MLflow run.
 
-    ``tracking_uri`` defaults to the store the run logged to (recorded in the checkpoint).
+    ``run_dir``: a run folder, or a run on object storage (``<storage_path>/<name>``, e.g.
+    ``s3://bucket/runs/pretrain``). ``tracking_uri`` defaults to the store the run logged to (recorded
+    in the checkpoint).
 
     Raises:
         FileNotFoundError, PackageError, RegistryError
@@ -141,15 +159,15 @@ def publish_run(
 
     from multitalent.registry.store import RegistryError, publish_package
 
-    ckpt = find_checkpoint(run_dir, checkpoint)
-    uri = tracking_uri or ckpt.info.get("tracking_uri")
-    if not uri:
-        raise RegistryError(f"{run_dir}: no tracking URI recorded; pass --tracking-uri")
-    if ckpt.mlflow_run_id is None:
-        raise RegistryError(
-            f"{run_dir}: the run has no MLflow run id (tracking was off); cannot publish into it"
-        )
     with tempfile.TemporaryDirectory(prefix="multitalent-publish-", dir=workdir) as tmp:
+        ckpt = find_checkpoint(run_dir, checkpoint, scratch=Path(tmp) / "checkpoint")
+        uri = tracking_uri or ckpt.info.get("tracking_uri")
+        if not uri:
+            raise RegistryError(f"{run_dir}: no tracking URI recorded; pass --tracking-uri")
+        if ckpt.mlflow_run_id is None:
+            raise RegistryError(
+                f"{run_dir}: the run has no MLflow run id (tracking was off); cannot publish into it"
+            )
         folder = package_from_checkpoint(ckpt, Path(tmp) / "package")
         return publish_package(
             folder,
