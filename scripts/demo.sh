@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job end to end on embedded defaults: the phantom CT collection -> preprocessed shards ->
-# a tiny MultiTalent trained on 2 CPU workers (local Ray, DeepSpeed, MLflow in sqlite).
+# The whole path on embedded defaults (`multitalent demo`, platform/multitalent/demo/cli.py): the phantom CT
+# collection -> shards -> pre-train a tiny MultiTalent on all phantom datasets but P03 (local Ray, 2 workers,
+# DeepSpeed, MLflow in sqlite) -> publish it as models:/phantom-without-P03@champion -> fine-tune on P03 from
+# that URI -> predict held-out cases as NIfTI -> evaluate; ends with the Dice/HD95 table. Arguments go to
+# `multitalent demo` (e.g. --holdout P05); a rerun resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-.venv/bin/multitalent convert jobs/convert.yaml "$@"
-.venv/bin/multitalent train jobs/demo_cpu.yaml  # ends with the Dice table and the `mlflow ui` command
+exec .venv/bin/multitalent demo "$@"

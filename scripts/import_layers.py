@@ -74,6 +74,12 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         "phantom generator for tests and demos: above production code, so no job can depend on it",
     ),
     (
+        "demo",
+        ("demo",),
+        "the README's first command: its layout, held-out cases, table and overlay; the stages run in "
+        "demo.cli, a command",
+    ),
+    (
         "command line",
         ("cli",),
         "multitalent.cli and every package's cli module: parse arguments, dispatch to the applications",

@@ -176,6 +176,11 @@ COMMANDS: dict[str, tuple[str, Configure, str]] = {
         lambda p: importlib.import_module("multitalent.registry.cli").pull_args(p),
         "multitalent.registry.cli:pull",
     ),
+    "demo": (
+        "the whole path on the phantom: convert, pre-train, publish, fine-tune, predict, evaluate",
+        lambda p: importlib.import_module("multitalent.demo.cli").demo_args(p),
+        "multitalent.demo.cli:run",
+    ),
     "augment-preview": (
         "PNG grid of augmented patches with label overlays",
         _augment_preview_args,
