@@ -174,7 +174,7 @@ def test_the_short_demo_runs_every_stage(demo_run):
     assert math.isclose(float(kidneys.group(2)), tgt_eval["per_class"]["P03:kidneys"]["dice"], abs_tol=5e-4)
     assert re.search(r"^pre-trained\s+P05\s+left lung\s+\d+\s+\d\.\d{3}", table, re.MULTILINE)
     assert "registry: models:/phantom-without-P03@champion = models:/phantom-without-P03/1 in sqlite:///" in table
-    assert f"output:   {lay.out}" in table
+    assert "output:   runs/demo (" in table  # relative to the directory it ran in
     assert re.search(r"MLflow:   \S*mlflow ui --backend-store-uri sqlite:///\S*runs/mlflow\.db", table)
     report = json.loads((lay.out / "results.json").read_text())
     assert report["registry"]["version"] == "1" and set(report["seconds"]) >= {"total", "pretrain", "predict"}
@@ -186,15 +186,27 @@ def test_the_short_demo_runs_every_stage(demo_run):
 @pytest.mark.timeout(1800)
 def test_a_rerun_resumes_and_a_failing_stage_is_named(demo_run):
     workdir, _, _ = demo_run
-    proc = _demo(workdir, "--finetune-set", "schedule.epochs=0")
-    assert proc.returncode == 1
-    out = proc.stdout
+    # a fine-tuning job pointed at the wrong label space: stage 6 fails once it starts
+    proc = _demo(workdir, "--finetune-set", "catalog=phantom", "--finetune-set", "schedule.epochs=4")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, err = proc.stdout, proc.stderr
     assert "already there" in out and "already trained (4 iterations)" in out
     assert "already published: models:/phantom-without-P03@champion = models:/phantom-without-P03/1" in out
-    assert "[6/9] fine-tune" not in out.split("[5/9]")[0]
-    err = proc.stderr
-    assert "error: stage 6/9 (fine-tune) failed:" in err and "schedule.epochs" in err
+    assert "[7/9]" not in out
+    assert "error: stage 6/9 (fine-tune) failed:" in err and "convert with the same catalog" in err
     assert "runs/demo/logs/6-finetune.log" in err and "a rerun of the same command resumes" in err
+    log = (workdir / "runs" / "demo" / "logs" / "6-finetune.log").read_text()
+    assert "Traceback" in log and "catalog hash" in log
+
+
+def test_a_mistake_in_a_job_override_stops_the_demo_before_anything_runs(tmp_path, capsys):
+    from multitalent.cli import main
+
+    status = main(["demo", "--workdir", str(tmp_path), "--finetune-set", "schedule.epochs=0"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "demo_finetune_cpu.yaml: invalid job" in err and "schedule.epochs" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------ without Ray

@@ -160,6 +160,9 @@ class Demo:
 
                 raise UserError(f"{self.jobs / name}: missing (pass --jobs with the repository's jobs folder)")
         self.pretrain_catalog, self.target_catalog = demo_catalogs(layout.holdout)
+        # Both jobs are read now: a mistake in them (or in --pretrain-set / --finetune-set) stops the demo
+        # before anything runs.
+        self.train_jobs = {key: self.train_job(key) for key in ("pretrain", "finetune")}
         self.facts: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
         self.exits = contextlib.ExitStack()
@@ -287,12 +290,9 @@ class Demo:
             n = _manifest_cases(lay.target_shards)
             r.summary = f"{n} cases in {_relative(lay.target_shards)}"
 
-    def train(self, key: str, *, version: str | None = None) -> Any:
-        """Train (or find finished) the pre-training or fine-tuning run; returns its RunCheckpoint."""
-        from multitalent.demo.report import TrainingBar
+    def train_job(self, key: str) -> Any:
+        """The pre-training or fine-tuning job: the job file, the demo's paths, then ``--*-set``."""
         from multitalent.train.job import load_train_job
-        from multitalent.train.launch import run_training
-        from multitalent.train.publish import find_checkpoint
 
         lay = self.layout
         if key == "pretrain":
@@ -310,7 +310,16 @@ class Demo:
                 f"run.name={lay.finetune_run}",
                 f"init.model={lay.champion}",
             ]
-        job = load_train_job(job_file, [*overrides, f"run.storage_path={lay.runs}", *extra])
+        return load_train_job(job_file, [*overrides, f"run.storage_path={lay.runs}", *extra])
+
+    def train(self, key: str, *, version: str | None = None) -> Any:
+        """Train (or find finished) the pre-training or fine-tuning run; returns its RunCheckpoint."""
+        from multitalent.demo.report import TrainingBar
+        from multitalent.train.launch import run_training
+        from multitalent.train.publish import find_checkpoint
+
+        lay = self.layout
+        job = self.train_jobs[key]
         total = job.schedule.total_iterations
         w = job.workers
         doing = (
