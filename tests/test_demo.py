@@ -81,7 +81,9 @@ def _demo(workdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str], float]:
+def demo_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str], float]:
     workdir = tmp_path_factory.mktemp("demo")
     t = time.monotonic()
     out = _demo(workdir)
@@ -173,7 +175,10 @@ def test_the_short_demo_runs_every_stage(demo_run):
     assert kidneys and int(kidneys.group(1)) >= 1
     assert math.isclose(float(kidneys.group(2)), tgt_eval["per_class"]["P03:kidneys"]["dice"], abs_tol=5e-4)
     assert re.search(r"^pre-trained\s+P05\s+left lung\s+\d+\s+\d\.\d{3}", table, re.MULTILINE)
-    assert "registry: models:/phantom-without-P03@champion = models:/phantom-without-P03/1 in sqlite:///" in table
+    assert (
+        "registry: models:/phantom-without-P03@champion = models:/phantom-without-P03/1 in sqlite:///"
+        in table
+    )
     assert "output:   runs/demo (" in table  # relative to the directory it ran in
     assert re.search(r"MLflow:   \S*mlflow ui --backend-store-uri sqlite:///\S*runs/mlflow\.db", table)
     report = json.loads((lay.out / "results.json").read_text())
@@ -231,9 +236,13 @@ def _summary(per_class: dict[str, tuple[float, float]]) -> dict:
 
 def test_the_results_table_groups_by_model_and_dataset():
     pre, tgt = demo_catalogs("P03")
-    pre_summary = _summary({"P01:liver": (0.8, 4.0), "P01:liver tumour": (0.2, math.nan), "P07:vertebrae": (0.9, 2.0)})
+    pre_summary = _summary(
+        {"P01:liver": (0.8, 4.0), "P01:liver tumour": (0.2, math.nan), "P07:vertebrae": (0.9, 2.0)}
+    )
     tgt_summary = _summary({"P03:kidneys": (0.75, 3.25), "P03:kidney tumour": (0.0, 40.0)})
-    lines = results_table([ModelResult("pre-trained", pre_summary), ModelResult("fine-tuned", tgt_summary)], [pre, tgt])
+    lines = results_table(
+        [ModelResult("pre-trained", pre_summary), ModelResult("fine-tuned", tgt_summary)], [pre, tgt]
+    )
     text = "\n".join(lines)
     assert lines[0].split() == ["model", "dataset", "class", "cases", "Dice", "HD95", "mm"]
     assert re.search(r"^pre-trained\s+P01\s+liver\s+2\s+0\.800\s+4\.0$", text, re.MULTILINE)

@@ -267,20 +267,20 @@ def test_job_setting_reaches_the_augment_plan():
 
     plans = {}
     for mode in ("swap", "off", "naive"):
-        job = load_train_job("jobs/demo_cpu.yaml", [f"data.augmentation.laterality={mode}"])
+        job = load_train_job("jobs/pretrain_cpu_tiny.yaml", [f"data.augmentation.laterality={mode}"])
         assert job.data.augmentation.laterality == mode  # a bare YAML `off` (false) still means "off"
         plans[mode] = augment_plan(job)
-    assert load_train_job("jobs/demo_cpu.yaml").data.augmentation.laterality == "swap"
+    assert load_train_job("jobs/pretrain_cpu_tiny.yaml").data.augmentation.laterality == "swap"
     assert plans["swap"].config.mirror_swap is not None and plans["swap"].laterality == "swap"
     assert plans["off"].config.p_mirror_zyx[2] == 0.0 and plans["off"].config.mirror_swap is None
     assert plans["naive"].config.p_mirror_zyx[2] == 0.5 and plans["naive"].config.mirror_swap is None
     with pytest.raises(JobError, match="laterality: off never mirrors along x"):
         load_train_job(
-            "jobs/demo_cpu.yaml",
+            "jobs/pretrain_cpu_tiny.yaml",
             ["data.augmentation.laterality=off", "data.augmentation.settings.p_mirror_zyx=[0.5,0.5,0.5]"],
         )
     with pytest.raises(JobError, match=r"settings\.mirror_swap: not an augmentation setting"):
-        load_train_job("jobs/demo_cpu.yaml", ["data.augmentation.settings.mirror_swap=null"])
+        load_train_job("jobs/pretrain_cpu_tiny.yaml", ["data.augmentation.settings.mirror_swap=null"])
 
 
 # ----------------------------------------------------------------------------- test-time augmentation

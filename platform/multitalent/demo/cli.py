@@ -82,7 +82,9 @@ def demo_args(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="phantom collection size factor (default 1: 48 cases); others get their own folders",
     )
-    p.add_argument("--jobs", default=str(REPO_JOBS), help="folder of the two job files (default: %(default)s)")
+    p.add_argument(
+        "--jobs", default=str(REPO_JOBS), help="folder of the two job files (default: %(default)s)"
+    )
     p.add_argument(
         "--pretrain-set",
         action="append",
@@ -158,7 +160,9 @@ class Demo:
             if not (self.jobs / name).is_file():
                 from multitalent.jobs import UserError
 
-                raise UserError(f"{self.jobs / name}: missing (pass --jobs with the repository's jobs folder)")
+                raise UserError(
+                    f"{self.jobs / name}: missing (pass --jobs with the repository's jobs folder)"
+                )
         self.pretrain_catalog, self.target_catalog = demo_catalogs(layout.holdout)
         # Both jobs are read now: a mistake in them (or in --pretrain-set / --finetune-set) stops the demo
         # before anything runs.
@@ -189,6 +193,10 @@ class Demo:
                 yield report
             except StageFailed as e:
                 print(f"FAILED: {e.reason}", flush=True)
+                raise
+            except KeyboardInterrupt:
+                print("INTERRUPTED", flush=True)
+                self.say(f"\ninterrupted in {head}; the same command resumes from there")
                 raise
             except Exception as e:
                 import traceback
@@ -225,8 +233,8 @@ class Demo:
         held = lay.holdout
         rest = " ".join(self.pretrain_catalog.dataset_ids)
         self.say(
-            f"MultiTalent demo: pre-train a tiny U-Net on the phantom datasets {rest}, publish it, fine-tune it "
-            f"on the held-out {held}, predict and evaluate held-out cases (fold {FOLD}). Logs: "
+            f"MultiTalent demo: pre-train a tiny U-Net on the phantom datasets {rest}, publish it, "
+            f"fine-tune it on the held-out {held}, predict and evaluate held-out cases (fold {FOLD}). Logs: "
             f"{_relative(lay.out / 'logs')}"
         )
         with self.exits:
@@ -332,6 +340,7 @@ class Demo:
         with self.stage(key, doing) as r:
             if key == "finetune":
                 _check_parent(job, f"{lay.model_name}/{version}")
+            _check_same_job(job, lay.out / f"{job.run.name}.job.json")
             ckpt = _finished(job)
             if ckpt is not None:
                 r.summary = f"already trained ({ckpt.iteration} iterations) in {_relative(job.run_dir)}"
@@ -377,7 +386,12 @@ class Demo:
                 version = done.version
                 write_json_atomic(
                     state_file,
-                    {"checkpoint": str(pretrain.folder), "version": version, "uri": done.uri, "digest": done.digest},
+                    {
+                        "checkpoint": str(pretrain.folder),
+                        "version": version,
+                        "uri": done.uri,
+                        "digest": done.digest,
+                    },
                 )
                 r.summary = f"{lay.champion} = {done.uri} (package sha256 {done.digest[:12]})"
             r.facts = {"version": version, "uri": f"models:/{lay.model_name}/{version}"}
@@ -410,7 +424,9 @@ class Demo:
                     status = self.command([*argv, *mirror, "--overwrite"])
                 if status != 0:
                     raise self.fail("predict", f"multitalent predict ({name}) exited with status {status}")
-            r.summary = f"label maps in {_relative(lay.out / 'pretrained')}, {_relative(lay.out / 'finetuned')}"
+            r.summary = (
+                f"label maps in {_relative(lay.out / 'pretrained')}, {_relative(lay.out / 'finetuned')}"
+            )
             r.facts = {
                 "pretrained_cases": [f"{c.dataset_id}/{c.case_id}" for c in pre_cases],
                 "finetuned_cases": [f"{c.dataset_id}/{c.case_id}" for c in tgt_cases],
@@ -423,7 +439,9 @@ class Demo:
 
         lay = self.layout
         results = []
-        with self.stage("evaluate", "Dice and HD95 against the raw ground truth, logged to both MLflow runs") as r:
+        with self.stage(
+            "evaluate", "Dice and HD95 against the raw ground truth, logged to both MLflow runs"
+        ) as r:
             for name, label, ckpt, catalog_file, shards in (
                 ("pretrained", "pre-trained", pretrain, lay.pretrain_catalog_file, lay.pretrain_shards),
                 ("finetuned", "fine-tuned", finetune, lay.target_catalog_file, lay.target_shards),
@@ -455,7 +473,9 @@ class Demo:
         lay = self.layout
         out = lay.out / "overlay.png"
         case = heldout_cases(lay.target_shards, self.target_catalog, lay.raw)[0]
-        with self.stage("overlay", f"{lay.holdout} {case.case_id}, fine-tuned prediction over ground truth") as r:
+        with self.stage(
+            "overlay", f"{lay.holdout} {case.case_id}, fine-tuned prediction over ground truth"
+        ) as r:
             write_overlay(
                 raw_case=case,
                 dataset_id=lay.holdout,
@@ -554,6 +574,34 @@ def _finished(job: Any) -> Any:
     except FileNotFoundError:
         return None
     return ckpt if ckpt.iteration >= job.schedule.total_iterations else None
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return out
+
+
+def _check_same_job(job: Any, stamp: Path) -> None:
+    """A run the demo started with another job (a changed job file or ``--*-set``) is not resumed or
+    reused silently: the message names the fields that differ. Records the job for the next time."""
+    from multitalent.demo.layout import write_json_atomic
+    from multitalent.jobs import UserError
+    from multitalent.train.checkpoint import run_checkpoints
+
+    current = job.model_dump(mode="json")
+    previous = _read_json(stamp)
+    if isinstance(previous, dict) and previous != current and run_checkpoints(job.run_dir):
+        old, new = _flat(previous), _flat(current)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise UserError(
+            f"{job.run_dir} was trained by the demo with another job (changed: {', '.join(changed[:6])}); "
+            "delete that folder to train it again with this job, or undo the change"
+        )
+    write_json_atomic(stamp, current)
 
 
 def _check_parent(job: Any, champion: str) -> None:

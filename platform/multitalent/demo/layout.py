@@ -103,7 +103,9 @@ def demo_catalogs(holdout: str) -> tuple[Catalog, Catalog]:
     """
     phantom = load_catalog("phantom")
     if holdout not in phantom.dataset_ids:
-        raise UserError(f"--holdout {holdout}: not a phantom dataset (one of {', '.join(phantom.dataset_ids)})")
+        raise UserError(
+            f"--holdout {holdout}: not a phantom dataset (one of {', '.join(phantom.dataset_ids)})"
+        )
     rest = [d for d in phantom.dataset_ids if d != holdout]
     return (
         phantom.subset(rest, name=f"phantom-without-{holdout}"),

@@ -209,8 +209,8 @@ def write_overlay(
     *, raw_case: Any, dataset_id: str, catalog: Catalog, prediction: Path, out: Path, title: str
 ) -> Path:
     """An overlay PNG of one prediction (``multitalent predict``'s label map) over its scan, with the
-    ground truth: fill = ground truth, outline = prediction (:func:`multitalent.tracking.pictures.overlay_png`,
-    axial slices in canonical orientation). Written through a temporary sibling."""
+    ground truth: fill = ground truth, outline = prediction, axial slices in canonical orientation
+    (:func:`multitalent.tracking.pictures.overlay_png`). Written through a temporary sibling."""
     import uuid
 
     import numpy as np
@@ -224,10 +224,14 @@ def write_overlay(
     pred, _ = read_volume(prediction, what="prediction")
     if pred.shape != loaded.label.shape:
         raise ValueError(f"{prediction}: shape {pred.shape} differs from the scan's {loaded.label.shape}")
-    image, gt, pr = (to_canonical_zyx(np.asarray(v), loaded.affine)[0] for v in (loaded.image, loaded.label, pred))
+    image, gt, pr = (
+        to_canonical_zyx(np.asarray(v), loaded.affine)[0] for v in (loaded.image, loaded.label, pred)
+    )
     pred_k = np.stack([np.isin(pr, c.raw_values) for c in dataset.classes])
     gt_k = np.stack([np.isin(gt, c.raw_values) for c in dataset.classes])
-    picture = overlay_png(image.astype(np.float32), pred_k, gt_k, [c.name for c in dataset.classes], title=title)
+    picture = overlay_png(
+        image.astype(np.float32), pred_k, gt_k, [c.name for c in dataset.classes], title=title
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{out.name}")
     try:
