@@ -5,7 +5,7 @@ local Ray, 2 Ray Train workers, DeepSpeed, sqlite MLflow) on the phantom at scal
 and 6 fine-tuning iterations, then checks every stage's output: shards (the held-out dataset converted with
 the champion's plan), both runs, the registry alias and its run, the fine-tuned run's parent, NIfTI label
 maps in each scan's geometry, the evaluation tables and their MLflow metrics, the overlay PNG and the
-printed table. A rerun then resumes (nothing retrained or republished) and a broken fine-tuning job fails
+printed table. A rerun then resumes (nothing retrained or republished) and a changed fine-tuning job fails
 naming its stage. Dice floors for the full demo's iteration counts are measured in the README, not here:
 4 iterations learn nothing.
 
@@ -191,17 +191,18 @@ def test_the_short_demo_runs_every_stage(demo_run):
 @pytest.mark.timeout(1800)
 def test_a_rerun_resumes_and_a_failing_stage_is_named(demo_run):
     workdir, _, _ = demo_run
-    # a fine-tuning job pointed at the wrong label space: stage 6 fails once it starts
+    # the fine-tuning job changed since the run was trained: stage 6 refuses to reuse or resume it
     proc = _demo(workdir, "--finetune-set", "catalog=phantom", "--finetune-set", "schedule.epochs=4")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     out, err = proc.stdout, proc.stderr
     assert "already there" in out and "already trained (4 iterations)" in out
     assert "already published: models:/phantom-without-P03@champion = models:/phantom-without-P03/1" in out
     assert "[7/9]" not in out
-    assert "error: stage 6/9 (fine-tune) failed:" in err and "convert with the same catalog" in err
+    assert "error: stage 6/9 (fine-tune) failed:" in err
+    assert "was trained by the demo with another job (changed: catalog, schedule.epochs)" in err
     assert "runs/demo/logs/6-finetune.log" in err and "a rerun of the same command resumes" in err
     log = (workdir / "runs" / "demo" / "logs" / "6-finetune.log").read_text()
-    assert "Traceback" in log and "catalog hash" in log
+    assert "Traceback" in log and "delete that folder to train it again" in log
 
 
 def test_a_mistake_in_a_job_override_stops_the_demo_before_anything_runs(tmp_path, capsys):
@@ -215,9 +216,18 @@ def test_a_mistake_in_a_job_override_stops_the_demo_before_anything_runs(tmp_pat
 
 
 # ------------------------------------------------------------------------------------ without Ray
-def test_an_unknown_holdout_names_the_datasets():
+def test_an_unknown_or_too_small_holdout_names_the_datasets():
     with pytest.raises(UserError, match=r"--holdout P99: not a phantom dataset \(one of P01, P02"):
         demo_catalogs("P99")
+    with pytest.raises(
+        UserError, match=r"--holdout P02: 3 case\(s\) at scale 1,.*one of P01, P03, P04, P05, P07$"
+    ):
+        demo_catalogs("P02")
+    with pytest.raises(UserError, match=r"--holdout P01: 4 case\(s\) at scale 0.5,.*one of P03, P05$"):
+        demo_catalogs("P01", scale=0.5)
+    pre, held = demo_catalogs("P05")
+    assert held.dataset_ids == ("P05",) and "P05" not in pre.dataset_ids and len(pre.datasets) == 6
+    assert held.hash == load_catalog("phantom").subset(["P05"]).hash  # the label space, whatever the name
 
 
 def _summary(per_class: dict[str, tuple[float, float]]) -> dict:

@@ -143,11 +143,17 @@ def _relative(path: Path | str) -> str:
         return str(p)
 
 
+def _store(tracking_uri: str) -> str:
+    """A sqlite store's URI with its path relative to the current directory when it lies below it."""
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{_relative(tracking_uri.removeprefix('sqlite:///'))}"
+    return tracking_uri
+
+
 def _mlflow_command(tracking_uri: str) -> str:
     mlflow = Path(sys.executable).with_name("mlflow")
     exe = "mlflow" if shutil.which("mlflow") == str(mlflow) else _relative(mlflow)
-    store = tracking_uri.removeprefix("sqlite:///")
-    return f"{exe} ui --backend-store-uri sqlite:///{_relative(store)}"
+    return f"{exe} ui --backend-store-uri {_store(tracking_uri)}"
 
 
 class Demo:
@@ -163,7 +169,7 @@ class Demo:
                 raise UserError(
                     f"{self.jobs / name}: missing (pass --jobs with the repository's jobs folder)"
                 )
-        self.pretrain_catalog, self.target_catalog = demo_catalogs(layout.holdout)
+        self.pretrain_catalog, self.target_catalog = demo_catalogs(layout.holdout, scale=layout.scale)
         # Both jobs are read now: a mistake in them (or in --pretrain-set / --finetune-set) stops the demo
         # before anything runs.
         self.train_jobs = {key: self.train_job(key) for key in ("pretrain", "finetune")}
@@ -177,7 +183,10 @@ class Demo:
         print(text, file=self.console, flush=True)
 
     @contextlib.contextmanager
-    def stage(self, key: str, doing: str) -> Iterator[StageReport]:
+    def stage(self, key: str, doing: str, *, bars: bool = False) -> Iterator[StageReport]:
+        """Run a stage: a start line, its commands' output into its log (stderr too unless ``bars``: the
+        converter's and predictor's progress bars), then an end line with ``StageReport.summary``; any
+        exception becomes a :class:`StageFailed` naming the stage, its log and what to do."""
         number = next(i for i, s in enumerate(STAGES, start=1) if s[0] == key)
         _, title, hint = STAGES[number - 1]
         logs = self.layout.out / "logs"
@@ -187,7 +196,11 @@ class Demo:
         self.say(f"{head}: {doing}")
         report = StageReport()
         t = time.monotonic()
-        with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+        with contextlib.ExitStack() as into_log:
+            log = into_log.enter_context(open(log_path, "a"))
+            into_log.enter_context(contextlib.redirect_stdout(log))
+            if not bars:
+                into_log.enter_context(contextlib.redirect_stderr(log))
             print(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {title}: {doing}", flush=True)
             try:
                 yield report
@@ -285,7 +298,9 @@ class Demo:
 
     def convert_pretrain(self) -> None:
         lay, cat = self.layout, self.pretrain_catalog
-        with self.stage("convert", f"{len(cat.datasets)} datasets into Zarr + WebDataset shards") as r:
+        with self.stage(
+            "convert", f"{len(cat.datasets)} datasets into Zarr + WebDataset shards", bars=True
+        ) as r:
             self._convert("convert", cat, lay.pretrain_catalog_file, lay.pretrain_shards, plan=None)
             n = _manifest_cases(lay.pretrain_shards)
             r.summary = f"{n} cases, plan and splits in {_relative(lay.pretrain_shards)}"
@@ -293,7 +308,7 @@ class Demo:
     def convert_target(self, version: str) -> None:
         lay, cat = self.layout, self.target_catalog
         pinned = f"models:/{lay.model_name}/{version}"
-        with self.stage("convert-heldout", f"{lay.holdout} with the plan of {pinned}") as r:
+        with self.stage("convert-heldout", f"{lay.holdout} with the plan of {pinned}", bars=True) as r:
             self._convert("convert-heldout", cat, lay.target_catalog_file, lay.target_shards, plan=pinned)
             n = _manifest_cases(lay.target_shards)
             r.summary = f"{n} cases in {_relative(lay.target_shards)}"
@@ -337,7 +352,7 @@ class Demo:
         )
         if key == "finetune":
             doing += f", from {lay.champion} (backbone; heads, warm-up, poly)"
-        with self.stage(key, doing) as r:
+        with self.stage(key, doing, bars=True) as r:
             if key == "finetune":
                 _check_parent(job, f"{lay.model_name}/{version}")
             _check_same_job(job, lay.out / f"{job.run.name}.job.json")
@@ -409,6 +424,7 @@ class Demo:
             "predict",
             f"{n} held-out cases (fold {FOLD}) as NIfTI label maps: {len(pre_cases)} by {lay.champion}, "
             f"{len(tgt_cases)} by the fine-tuned run" + ("" if self.args.mirror else " (no mirroring)"),
+            bars=True,
         ) as r:
             if not pre_cases or not tgt_cases:
                 which = "the pre-training datasets" if not pre_cases else lay.holdout
@@ -517,7 +533,7 @@ class Demo:
         ]
         load_end = os.getloadavg()
         footer = [
-            f"registry: {lay.champion} = models:/{lay.model_name}/{version} in {lay.tracking_uri}",
+            f"registry: {lay.champion} = models:/{lay.model_name}/{version} in {_store(lay.tracking_uri)}",
             f"output:   {_relative(lay.out)} (predictions, evaluation.md/csv per model, overlay.png, "
             "results.md, logs/)",
             f"MLflow:   {_mlflow_command(lay.tracking_uri)}   (then http://127.0.0.1:5000)",

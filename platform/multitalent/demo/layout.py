@@ -95,16 +95,29 @@ class DemoLayout:
         return self.workdir / "runs" / "demo"
 
 
-def demo_catalogs(holdout: str) -> tuple[Catalog, Catalog]:
+N_SPLITS = 5  # the converter's folds (splits.json); a dataset needs this many cases to have held-out ones
+
+
+def demo_catalogs(holdout: str, *, scale: float = 1.0) -> tuple[Catalog, Catalog]:
     """``(pre-training catalog, held-out catalog)``: the ``phantom`` preset without / with only ``holdout``.
 
     Raises:
-        UserError: ``holdout`` is not a phantom dataset.
+        UserError: ``holdout`` is not a phantom dataset, or has too few cases (at ``scale``) for fold 0
+            to hold any out.
     """
+    from multitalent.synth.collection import case_count
+
     phantom = load_catalog("phantom")
     if holdout not in phantom.dataset_ids:
         raise UserError(
             f"--holdout {holdout}: not a phantom dataset (one of {', '.join(phantom.dataset_ids)})"
+        )
+    usable = [d.id for d in phantom.datasets if case_count(d, scale) >= N_SPLITS]
+    if holdout not in usable:
+        n = case_count(phantom.dataset(holdout), scale)
+        raise UserError(
+            f"--holdout {holdout}: {n} case(s) at scale {scale:g}, too few to keep any out of fine-tuning "
+            f"for the evaluation ({N_SPLITS} folds); choose one of {', '.join(usable)}"
         )
     rest = [d for d in phantom.dataset_ids if d != holdout]
     return (
