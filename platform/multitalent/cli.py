@@ -176,6 +176,11 @@ COMMANDS: dict[str, tuple[str, Configure, str]] = {
         lambda p: importlib.import_module("multitalent.registry.cli").pull_args(p),
         "multitalent.registry.cli:pull",
     ),
+    "experiment": (
+        "compare MultiTalent, the naive merge and one model per dataset: train, predict, evaluate",
+        lambda p: importlib.import_module("multitalent.experiment.cli").experiment_args(p),
+        "multitalent.experiment.cli:run",
+    ),
     "augment-preview": (
         "PNG grid of augmented patches with label overlays",
         _augment_preview_args,
