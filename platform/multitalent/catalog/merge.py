@@ -76,7 +76,7 @@ def merge_by_name(catalog: Catalog) -> MergedLabelSpace:
         d_index = catalog.dataset_index(c.dataset_id)
         for value in c.raw_values:
             members[c.index, lut[d_index, value]] = True
-    used = members.any(axis=0)
+    used = np.asarray(members.any(axis=0), dtype=bool)
     used[0] = True
     if not used.all():  # a name whose only classes are regions of more specific ones: no atom of its own
         keep = np.flatnonzero(used)

@@ -96,6 +96,10 @@ class EvaluationSection(StrictModel):
     conflicts: list[str] = Field(default_factory=list)
 
 
+def _every_arm() -> list[Arm]:
+    return ["multitalent", "naive_merge", "single"]
+
+
 class ExperimentJob(StrictModel):
     """See ``jobs/experiment.yaml`` for every field with its meaning."""
 
@@ -104,7 +108,7 @@ class ExperimentJob(StrictModel):
     convert: str = "convert.yaml"  # the collection's convert job, relative to this file
     train: str = "pretrain_cpu_tiny.yaml"  # the base training job of every run, relative to this file
     train_set: list[str] = Field(default_factory=list)  # KEY=VALUE overrides of every training run
-    arms: list[Arm] = Field(default_factory=lambda: list(ARMS))
+    arms: list[Arm] = Field(default_factory=_every_arm)
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
     budget: BudgetSection = BudgetSection()
     evaluation: EvaluationSection = EvaluationSection()

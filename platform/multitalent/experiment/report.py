@@ -193,7 +193,7 @@ def machine() -> str:
     try:
         import torch
 
-        version = torch.__version__
+        version = str(torch.__version__)
     except ImportError:  # pragma: no cover - torch is a dependency
         version = "?"
     return f"{os.cpu_count()} CPU(s) {model or platform.machine()}, {platform.system()}, torch {version}"

@@ -319,9 +319,9 @@ def dry_run_plan(plan: ExperimentPlan) -> tuple[list[str], list[str]]:
                 continue
             model = next((ln for ln in report.lines if ln.startswith("model: ")), "")
             lines.append(f"      {model}")
-            for e in report.errors:
-                if "no plan.json" in e and not (step.run.shards / "plan.json").exists():
+            for problem in report.errors:
+                if "no plan.json" in problem and not (step.run.shards / "plan.json").exists():
                     lines.append(f"      data: {step.run.shards} is converted by an earlier step")
                 else:
-                    errors.append(f"{step.name}: {e}")
+                    errors.append(f"{step.name}: {problem}")
     return lines, errors
