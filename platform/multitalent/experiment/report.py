@@ -144,7 +144,7 @@ def arm_curve(plan: ExperimentPlan, runs: Sequence[RunSpec]) -> list[dict[str, A
 
 def arm_costs(plan: ExperimentPlan, runs: Sequence[RunSpec]) -> dict[str, Any]:
     """Training and inference cost of one arm and seed (sums over its runs)."""
-    train_wall = train_cpu = predict_wall = predict_cpu = 0.0
+    train_wall = train_cpu = train_loop = predict_wall = predict_cpu = 0.0
     per_case: dict[str, float] = {}
     cases_per_model: list[int] = []
     for run in runs:
@@ -155,6 +155,7 @@ def arm_costs(plan: ExperimentPlan, runs: Sequence[RunSpec]) -> dict[str, Any]:
         predict_cpu += float(predict.get("cpu_s") or 0.0)
         records = progress_records(plan.layout.runs / run.name)
         train_cpu += cost_at(records, run.iterations) or 0.0
+        train_loop += sum(float(r.get("seconds") or 0.0) for r in records if r.get("event") == "end")
         predictions = _json(plan.layout.predictions(run.name) / "predictions.json") or {}
         cases = predictions.get("cases", {})
         cases_per_model.append(len(cases))
@@ -164,6 +165,7 @@ def arm_costs(plan: ExperimentPlan, runs: Sequence[RunSpec]) -> dict[str, Any]:
         "runs": len(runs),
         "iterations": sum(r.iterations for r in runs),
         "train_wall_s": train_wall,
+        "train_loop_s": train_loop,
         "train_cpu_rank0_s": train_cpu,
         "predict_wall_s": predict_wall,
         "predict_cpu_s": predict_cpu,
@@ -262,6 +264,10 @@ def _fmt(values: Sequence[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ±{(max(finite) - min(finite)) / 2:.{digits}f}"
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
 def _class_order(report: dict[str, Any]) -> list[str]:
     keys: list[str] = []
     for arm in report["arms"].values():
@@ -352,6 +358,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("training runs (models) per seed", "runs", 0),
         ("training iterations per seed (all runs)", "iterations", 0),
         ("training wall s per seed (train commands)", "train_wall_s", 0),
+        ("of which in the training loops (the rest: launches)", "train_loop_s", 0),
         ("training CPU s per seed (rank 0 of 2 workers)", "train_cpu_rank0_s", 0),
         ("held-out cases predicted by every model", "cases", 0),
         ("inference s per case, all classes (all models)", "seconds_per_case", 2),
@@ -360,6 +367,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for label, field, digits in rows:
         lines.append(f"| {label} | " + " | ".join(cost(a, field, digits) for a in arms) + " |")
+    if "multitalent" in arms:
+        ratios = []
+        for a in arms:
+            per_seed = [
+                _ratio(
+                    report["arms"][a][s]["costs"]["seconds_per_case"],
+                    report["arms"]["multitalent"][s]["costs"]["seconds_per_case"],
+                )
+                for s in seeds
+            ]
+            ratios.append(_fmt(per_seed, 1) + "×")
+        lines.append("| inference per case ÷ MultiTalent's | " + " | ".join(ratios) + " |")
     lines += ["", "## Training cost to reach a validation Dice", ""]
     lines += [
         "Validation Dice during training (mean over classes, fixed foreground patches of the held-out "

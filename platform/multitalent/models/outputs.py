@@ -15,7 +15,7 @@ into per-class logits of the catalog's global classes, the form everything after
     where none does, e.g. three labels at 0.4 / 0.35 / 0.25, no class is painted.)
 
 Kinds are registered (:func:`register_output`); the training objective of each kind is registered
-separately, in :mod:`multitalent.train.objectives`.
+separately (:func:`multitalent.train.step.register_objective`), since models know nothing of losses.
 """
 
 from __future__ import annotations
