@@ -14,7 +14,13 @@ from multitalent.catalog import CatalogError, load_catalog
 from multitalent.cli import main
 from multitalent.experiment import load_experiment_job, plan_steps
 from multitalent.experiment.report import arm_curve, build_report, progress_records, render_markdown, time_to
-from multitalent.experiment.runner import ExperimentError, dry_run_plan, read_record
+from multitalent.experiment.runner import (
+    ExperimentError,
+    dry_run_plan,
+    held_out_cases,
+    link_inputs,
+    read_record,
+)
 from multitalent.jobs import JobError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +160,7 @@ def write_run(
     (ev / "evaluation.json").write_text(json.dumps({"summary": {"per_class": per_class}}))
     pred = layout.predictions(run.name)
     pred.mkdir(parents=True)
-    cases = {"a": {"seconds": seconds}, "b": {"seconds": seconds}}
+    cases = {c: {"seconds": seconds, "cpu_seconds": seconds / 2} for c in ("a", "b", "own")}
     (pred / "predictions.json").write_text(json.dumps({"cases": cases}))
 
 
@@ -170,6 +176,9 @@ def test_report_joins_the_single_models_and_spreads_over_seeds(tmp_path):
         "evaluation.dice_targets=[0.5]",
         "evaluation.conflicts=['P05:heart']",
     )
+    inputs = plan.layout.inputs(0)
+    inputs.mkdir(parents=True)
+    (inputs / "inputs.json").write_text(json.dumps({"timing": ["a", "b"], "cases": {}}))
     for seed, offset in ((0, 0.0), (1, 0.1)):
         multi = plan.runs_of("multitalent", seed)[0]
         write_run(
@@ -190,11 +199,14 @@ def test_report_joins_the_single_models_and_spreads_over_seeds(tmp_path):
     # the union of the per-dataset evaluations
     assert set(single0["scores"]) == {"P01:liver", "P05:heart"}
     assert single0["scores"]["P05:heart"]["dice"] == pytest.approx(0.2)
-    # costs: 7 runs of 40 iterations; CPU counted over both launches; 7 models x 1 s on each case
+    # costs: 7 runs of 40 iterations; CPU counted over both launches; 7 models x 1 s on each timing case
+    # (case "own" is not a timing case: only the timing cases are predicted by every model)
     assert single0["costs"]["runs"] == 7 and single0["costs"]["iterations"] == 280
     assert single0["costs"]["train_cpu_rank0_s"] == pytest.approx(7 * 40 * 0.5)
     assert single0["costs"]["seconds_per_case"] == pytest.approx(7.0)
+    assert single0["costs"]["cpu_seconds_per_case"] == pytest.approx(3.5)
     assert multi0["costs"]["seconds_per_case"] == pytest.approx(2.0)
+    assert single0["costs"]["timing_cases"] == 2
     # curves: pass j of every run; class means
     assert [p["dice"] for p in single0["curve"]] == pytest.approx([0.3, 0.55])
     assert [p["iterations"] for p in single0["curve"]] == [140, 280]
@@ -207,7 +219,7 @@ def test_report_joins_the_single_models_and_spreads_over_seeds(tmp_path):
     assert "| P01:liver | 0.65 ±0.05 | 0.80 ±0.00 |" in text
     assert "| P05:heart † | 0.40 ±0.00 | 0.25 ±0.05 |" in text
     assert "| 0.5 | 0 | 80 it, 80 CPU s | 280 it, 140 CPU s |" in text
-    assert "| inference per case ÷ MultiTalent's | 1.0 ±0.0× | 3.5 ±0.0× |" in text
+    assert "| inference CPU per case ÷ MultiTalent's | 1.0 ±0.0× | 3.5 ±0.0× |" in text
 
 
 def test_progress_records_add_up_cpu_over_launches(tmp_path):
@@ -227,3 +239,35 @@ def test_a_curve_without_validation_is_nan_not_zero(tmp_path):
     plan = plan_for(tmp_path, "arms=[multitalent]", "seeds=[0]")
     curve = arm_curve(plan, plan.runs_of("multitalent", 0))
     assert all(math.isnan(p["dice"]) and p["cpu_s"] is None for p in curve)
+
+
+def test_held_out_scans_are_linked_per_model(tmp_path):
+    """``inputs/fold0``: every held-out scan (multi-dataset models); ``inputs/fold0-<D>``: D's held-out
+    scans and the timing cases (single-dataset models), under the names predict and evaluate use."""
+    from multitalent.data.sampling import write_splits
+    from multitalent.rawio import discover_cases
+    from multitalent.rawio.naming import case_name, find_scans
+    from multitalent.synth import write_phantom_collection
+
+    raw = tmp_path / "raw"
+    write_phantom_collection(raw, seed=0)
+    catalog = load_catalog("phantom")
+    keys = [(d.id, c.case_id) for d in catalog.datasets for c in discover_cases(d, raw / d.location)]
+    (tmp_path / "convert.yaml").write_text(f"kind: convert\ncatalog: phantom\nraw_root: {raw}\nout: unused\n")
+    plan = plan_for(tmp_path, f"convert={tmp_path / 'convert.yaml'}")
+    plan.layout.shards("all").mkdir(parents=True)
+    write_splits(plan.layout.shards("all"), keys)
+    info = link_inputs(plan)
+    # datasets with fewer than 5 cases (P02: 3, P06: 4) have no held-out case
+    assert {d: len(c) for d, c in info["cases"].items()} == {
+        "P01": 2, "P02": 0, "P03": 2, "P04": 2, "P05": 3, "P06": 0, "P07": 1,
+    }  # fmt: skip
+    everything = {case_name(p) for p in find_scans(plan.layout.inputs(0))}
+    assert everything == set(info["names"]) and len(everything) == 10
+    assert len(info["timing"]) == 2 and set(info["timing"]) <= everything
+    for d in plan.datasets:
+        mine = {case_name(p) for p in find_scans(plan.layout.inputs(0, d))}
+        own = {n for n, where in info["names"].items() if where.startswith(f"{d}/")}
+        assert mine == own | set(info["timing"])
+        assert all(p.is_symlink() and p.resolve().is_file() for p in find_scans(plan.layout.inputs(0, d)))
+    assert held_out_cases(plan) == info["cases"]

@@ -85,12 +85,16 @@ class EvaluationSection(StrictModel):
     """Held-out scoring: every model predicts the ``fold``'s validation cases (the converter's
     ``splits.json``) with ``multitalent predict``; ``multitalent evaluate`` scores each model's datasets.
 
+    A multi-dataset model predicts every held-out case; a single-dataset model its own dataset's, plus
+    the ``timing_cases`` (the first held-out case of each of the first datasets that have one), which
+    every model predicts: the inference time per case compares one model with the K on those.
     ``mirror``: 8-way mirroring at prediction (off: 8x less inference work; the same for every arm).
     ``dice_targets``: the validation Dice (mean over classes) whose training cost the report gives.
     ``conflicts``: classes whose protocol another dataset's same-name class contradicts (flagged).
     """
 
     fold: int = Field(default=0, ge=0, lt=5)
+    timing_cases: int = Field(default=2, ge=1)
     mirror: bool = False
     dice_targets: list[float] = Field(default_factory=lambda: [0.2, 0.4])
     conflicts: list[str] = Field(default_factory=list)

@@ -5,6 +5,7 @@ Folder layout under the job's ``out`` (:class:`Layout`)::
 
     shards/all, shards/<dataset>     converted collection, and each dataset alone (arm "single")
     inputs/fold<F>/                  links to the raw scans of the fold's validation cases
+    inputs/fold<F>-<dataset>/        that dataset's, and the timing cases (arm "single")
     runs/<run>                       training runs (one MLflow store: runs/mlflow.db)
     predictions/<run>, evaluations/<run>
     steps/<step>.json                one record per finished step: command, exit status, times
@@ -39,8 +40,9 @@ class Layout:
     def shards(self, part: str = "all") -> Path:
         return self.out / "shards" / part
 
-    def inputs(self, fold: int) -> Path:
-        return self.out / "inputs" / f"fold{fold}"
+    def inputs(self, fold: int, dataset: str | None = None) -> Path:
+        """Links to the fold's held-out scans: all of them, or ``dataset``'s and the timing cases."""
+        return self.out / "inputs" / (f"fold{fold}" if dataset is None else f"fold{fold}-{dataset}")
 
     @property
     def runs(self) -> Path:
@@ -214,7 +216,8 @@ def plan_steps(job: ExperimentJob) -> ExperimentPlan:
         mine = [r for r in runs if r.seed == seed]
         steps += [Step(f"train-{r.name}", "train", train_argv(job, r, layout), r) for r in mine]
         for r in mine:
-            predict = ["predict", "-i", str(layout.inputs(fold)), "-o", str(layout.predictions(r.name))]
+            source = layout.inputs(fold, r.datasets[0] if r.arm == "single" else None)
+            predict = ["predict", "-i", str(source), "-o", str(layout.predictions(r.name))]
             predict += ["--model", str(layout.runs / r.name)]
             predict += [] if job.evaluation.mirror else ["--no-mirror"]
             steps.append(Step(f"predict-{r.name}", "predict", tuple(predict), r))

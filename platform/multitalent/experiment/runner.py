@@ -126,46 +126,60 @@ def run_command(
 
 def link_inputs(plan: ExperimentPlan) -> dict[str, Any]:
     """Link the raw scans of the fold's validation cases (the converter's ``splits.json``) into
-    ``inputs/fold<F>``, keeping each scan's file name (and its case folder for KiTS19 / TotalSegmentator)
-    so that ``predict`` names its outputs as ``evaluate`` looks for them. Built beside and renamed."""
-    import shutil
-
+    ``inputs/fold<F>`` (all of them) and ``inputs/fold<F>-<dataset>`` (that dataset's and the timing
+    cases), keeping each scan's file name (and its case folder for KiTS19 / TotalSegmentator) so that
+    ``predict`` names its outputs as ``evaluate`` looks for them. Each folder is built beside and renamed.
+    """
     from multitalent.catalog import load_catalog
     from multitalent.data.sampling import SPLITS_FILE, fold_keys, load_splits
     from multitalent.rawio import discover_cases
     from multitalent.rawio.naming import GENERIC_IMAGE_NAMES, case_name, nifti_stem
 
     fold = plan.job.evaluation.fold
-    target = plan.layout.inputs(fold)
     _, val = fold_keys(load_splits(plan.layout.shards("all") / SPLITS_FILE), fold)
     held_out = set(val)
     catalog = load_catalog(plan.convert.catalog)
     raw_root = Path(plan.convert.raw_root).expanduser().resolve()
+    cases: dict[str, list[str]] = {d: [] for d in plan.datasets}
+    names: dict[str, str] = {}  # case name -> "<dataset>/<case id>"
+    links: dict[str, list[tuple[str, str, Path]]] = {d: [] for d in plan.datasets}  # (case, link, image)
+    for dataset in catalog.datasets:
+        if dataset.id not in cases:
+            continue
+        for raw in discover_cases(dataset, raw_root / dataset.location):
+            if (dataset.id, raw.case_id) not in held_out:
+                continue
+            name = case_name(raw.image_path)
+            if name in names:
+                raise ExperimentError(
+                    f"case name {name!r} of {dataset.id}/{raw.case_id} is also {names[name]}'s: "
+                    "predictions would collide"
+                )
+            names[name] = f"{dataset.id}/{raw.case_id}"
+            generic = nifti_stem(raw.image_path) in GENERIC_IMAGE_NAMES
+            rel = f"{name}/{raw.image_path.name}" if generic else raw.image_path.name
+            links[dataset.id].append((name, rel, raw.image_path.resolve()))
+            cases[dataset.id].append(raw.case_id)
+    with_cases = [d for d in plan.datasets if links[d]]
+    timing = [links[d][0] for d in with_cases[: plan.job.evaluation.timing_cases]]
+    info = {"fold": fold, "cases": cases, "names": names, "timing": [name for name, _, _ in timing]}
+    _link_folder(plan.layout.inputs(fold), [x for d in plan.datasets for x in links[d]], info)
+    for d in plan.datasets:
+        own = links[d] + [t for t in timing if t not in links[d]]
+        _link_folder(plan.layout.inputs(fold, d), own, {**info, "dataset": d})
+    return info
+
+
+def _link_folder(target: Path, links: list[tuple[str, str, Path]], info: dict[str, Any]) -> None:
+    import shutil
+
     tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    cases: dict[str, list[str]] = {d: [] for d in plan.datasets}
-    names: dict[str, str] = {}
     try:
-        for dataset in catalog.datasets:
-            if dataset.id not in cases:
-                continue
-            for raw in discover_cases(dataset, raw_root / dataset.location):
-                if (dataset.id, raw.case_id) not in held_out:
-                    continue
-                name = case_name(raw.image_path)
-                if name in names:
-                    raise ExperimentError(
-                        f"case name {name!r} of {dataset.id}/{raw.case_id} is also {names[name]}'s: "
-                        "predictions would collide"
-                    )
-                names[name] = f"{dataset.id}/{raw.case_id}"
-                image = raw.image_path.resolve()
-                generic = nifti_stem(raw.image_path) in GENERIC_IMAGE_NAMES
-                link = tmp / name / raw.image_path.name if generic else tmp / raw.image_path.name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(image)
-                cases[dataset.id].append(raw.case_id)
-        info = {"fold": fold, "cases": cases, "names": names}
+        for _, rel, image in links:
+            link = tmp / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(image)
         (tmp / INPUTS_FILE).write_text(json.dumps(info, indent=1))
         if target.exists():
             shutil.rmtree(target)
@@ -173,7 +187,6 @@ def link_inputs(plan: ExperimentPlan) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return info
 
 
 def held_out_cases(plan: ExperimentPlan) -> dict[str, list[str]]:
