@@ -55,11 +55,12 @@ def test_the_job_file_plans_every_arm_seed_and_step(tmp_path):
     singles = plan.runs_of("single", 0)
     assert multi.iterations == naive.iterations == job.budget.iterations
     assert multi.output == "sigmoid_heads" and naive.output == "merged_softmax"
-    # equal total: each single-dataset run 480 / 7 = 68.6 -> one block of 4 epochs of 20 = 80 iterations
-    assert job.budget.single == "equal_total" and {r.iterations for r in singles} == {80}
+    # equal total: each single-dataset run 420 / 7 = 60 iterations, 7 x 60 = 420
+    assert job.budget.single == "equal_total" and {r.iterations for r in singles} == {60}
+    assert sum(r.iterations for r in singles) == multi.iterations
     assert [r.catalog for r in singles] == [f"phantom[{d}]" for d in plan.datasets]
     # validation at the same fractions of every schedule
-    assert multi.epochs // multi.validate_every == singles[0].epochs // singles[0].validate_every == 4
+    assert multi.epochs // multi.validate_every == singles[0].epochs // singles[0].validate_every == 3
     kinds = [s.kind for s in plan.steps]
     assert kinds.count("convert") == 1 + 7 and kinds.count("inputs") == 1 and kinds[-1] == "report"
     assert kinds.count("train") == kinds.count("predict") == kinds.count("evaluate") == 18
@@ -75,7 +76,8 @@ def test_the_job_file_plans_every_arm_seed_and_step(tmp_path):
 
 @pytest.mark.parametrize(("single", "iterations"), [("paper", 240), (0.7, 320), (0.01, 80)])
 def test_single_dataset_budgets_round_to_whole_validation_blocks(tmp_path, single, iterations):
-    plan = plan_for(tmp_path, f"budget.single={single}", "arms=[multitalent, single]", "seeds=[3]")
+    budget = ["budget.iterations=480", "budget.validations=4"]
+    plan = plan_for(tmp_path, f"budget.single={single}", *budget, "arms=[multitalent, single]", "seeds=[3]")
     run = plan.runs_of("single", 3)[0]
     # whole blocks of 4 epochs of 20 iterations, at least one (0.01 of 480 rounds up to one block)
     assert run.iterations == iterations and run.epochs % 4 == 0 and run.validate_every == run.epochs // 4

@@ -271,6 +271,7 @@ def test_predict_and_evaluate_work_unchanged_on_a_merged_model(tmp_path, capsys)
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["model"]["network"]["output"] == "merged_softmax"
     case = next(iter(summary["cases"]))
+    assert summary["cases"][case]["cpu_seconds"] > 0  # the case's CPU cost, beside its wall seconds
     assert {f.removesuffix(".nii.gz") for f in summary["cases"][case]["files"]} == {
         d.id for d in load_catalog("phantom").datasets
     }
