@@ -221,7 +221,8 @@ def test_report_joins_the_single_models_and_spreads_over_seeds(tmp_path):
     assert "| P01:liver | 0.65 ±0.05 | 0.80 ±0.00 |" in text
     assert "| P05:heart † | 0.40 ±0.00 | 0.25 ±0.05 |" in text
     assert "| 0.5 | 0 | 80 it, 80 CPU s | 280 it, 140 CPU s |" in text
-    assert "| inference CPU per case ÷ MultiTalent's | 1.0 ±0.0× | 3.5 ±0.0× |" in text
+    assert "| inference CPU per case ÷ MultiTalent's | 1.0× ±0.0 | 3.5× ±0.0 |" in text
+    assert "| training runs (models) per seed | 1 | 7 |" in text
 
 
 def test_progress_records_add_up_cpu_over_launches(tmp_path):

@@ -252,6 +252,7 @@ def build_report(plan: ExperimentPlan) -> dict[str, Any]:
         "finished": finished,
         "step_seconds": {r["step"]: r.get("wall_s") for r in done},
         "step_cpu_seconds": {r["step"]: r.get("cpu_s") for r in done},
+        "step_notes": {r["step"]: r.get("note") for r in done},
         "datasets": list(plan.datasets),
         "held_out": _json(plan.layout.inputs(job.evaluation.fold) / "inputs.json"),
         "arms": arms,
@@ -266,7 +267,18 @@ def _fmt(values: Sequence[float], digits: int = 2) -> str:
     mean = statistics.fmean(finite)
     if len(finite) == 1:
         return f"{mean:.{digits}f}" + ("" if len(values) == 1 else " (1 seed)")
+    if digits == 0 and max(finite) == min(finite):  # a count, the same in every seed
+        return f"{mean:.0f}"
     return f"{mean:.{digits}f} ±{(max(finite) - min(finite)) / 2:.{digits}f}"
+
+
+def _times(values: Sequence[float]) -> str:
+    """:func:`_fmt` of ratios, the mean marked ``×``: ``3.1× ±0.2``."""
+    text = _fmt(values, 1)
+    if text == "–":
+        return text
+    head, sep, tail = text.partition(" ")
+    return f"{head}×{sep}{tail}"
 
 
 def _ratio(a: float, b: float) -> float:
@@ -288,7 +300,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     seeds = [str(s) for s in job["seeds"]]
     conflicts = set(job["evaluation"]["conflicts"])
     keys = _class_order(report)
-    head = "| " + " | ".join(ARM_TITLES[a] for a in arms) + " |"
+    head = " | " + " | ".join(ARM_TITLES[a] for a in arms) + " |"
     rule = "|---" * (len(arms) + 1) + "|"
     lines = [
         "# Experiment: MultiTalent vs naive merge vs one model per dataset",
@@ -383,7 +395,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 )
                 for s in seeds
             ]
-            ratios.append(_fmt(per_seed, 1) + "×")
+            ratios.append(_times(per_seed))
         lines.append("| inference CPU per case ÷ MultiTalent's | " + " | ".join(ratios) + " |")
     lines += ["", "## Training cost to reach a validation Dice", ""]
     lines += [
@@ -417,10 +429,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
             lines.append(f"- {ARM_TITLES[a]}, seed {s}: {pts}")
     lines += ["", "## Steps (wall s, CPU s of the command's reaped processes)", ""]
-    lines += [
-        f"- {name}: {report['step_seconds'][name]} s, CPU {report['step_cpu_seconds'].get(name)}"
-        for name in report["step_seconds"]
-    ]
+    for name, wall in report["step_seconds"].items():
+        note = report["step_notes"].get(name)
+        cpu = report["step_cpu_seconds"].get(name)
+        lines.append(f"- {name}: " + (note if note and note.startswith("skipped") else f"{wall} s, CPU {cpu}"))
     return "\n".join(lines) + "\n"
 
 
