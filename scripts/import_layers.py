@@ -69,6 +69,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         "assemble the layers below into jobs (train, convert, predict); independent of each other",
     ),
     (
+        "experiments",
+        ("experiment",),
+        "compare training methods by running the applications' commands (train, predict, evaluate)",
+    ),
+    (
         "test data",
         ("synth",),
         "phantom generator for tests and demos: above production code, so no job can depend on it",

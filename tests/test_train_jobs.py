@@ -39,7 +39,7 @@ TRAIN_JOBS = [p for p in JOBS if job_kind(p) == "train"]
 
 def test_every_job_file_has_a_known_kind():
     kinds = {p.name: job_kind(p) for p in JOBS}
-    assert set(kinds.values()) <= {"convert", "train", "predict", "evaluate"}, kinds
+    assert set(kinds.values()) <= {"convert", "train", "predict", "evaluate", "experiment"}, kinds
     assert {"pretrain.yaml", "pretrain_cpu_tiny.yaml"} <= {p.name for p in TRAIN_JOBS}
 
 

@@ -181,6 +181,11 @@ COMMANDS: dict[str, tuple[str, Configure, str]] = {
         lambda p: importlib.import_module("multitalent.demo.cli").demo_args(p),
         "multitalent.demo.cli:run",
     ),
+    "experiment": (
+        "compare MultiTalent, the naive merge and one model per dataset: train, predict, evaluate",
+        lambda p: importlib.import_module("multitalent.experiment.cli").experiment_args(p),
+        "multitalent.experiment.cli:run",
+    ),
     "augment-preview": (
         "PNG grid of augmented patches with label overlays",
         _augment_preview_args,

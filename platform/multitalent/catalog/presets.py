@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from multitalent.catalog.model import Catalog, CatalogError
 
 PRESET_DIR = Path(__file__).with_name("presets")
+_SUBSET = re.compile(r"(?P<base>.+)\[(?P<ids>[^\[\]]+)\]")
 
 
 def available_presets() -> list[str]:
@@ -22,13 +24,25 @@ def load_preset(name: str) -> Catalog:
 
 
 def load_catalog(spec: str | Path) -> Catalog:
-    """A preset name, a path to a catalog file (JSON or YAML with the preset format), or ``A+B+...``:
-    catalog ``A`` with the datasets of ``B``... appended (e.g. ``multitalent13+totalsegmentator``).
+    """A preset name, a path to a catalog file (JSON or YAML with the preset format), ``A+B+...``:
+    catalog ``A`` with the datasets of ``B``... appended (e.g. ``multitalent13+totalsegmentator``), or
+    ``SPEC[ID,ID...]``: the catalog ``SPEC`` restricted to those datasets, in its order, named ``spec``
+    (e.g. ``phantom[P01]``, one model per dataset).
 
     Raises:
         CatalogError: an unknown preset, a missing file, or a file that is not a valid catalog (the
             message names the file).
     """
+    subset = _SUBSET.fullmatch(spec) if isinstance(spec, str) and not Path(spec).is_file() else None
+    if subset is not None:
+        ids = [i.strip() for i in subset["ids"].split(",") if i.strip()]
+        base = load_catalog(subset["base"])
+        try:
+            return base.subset(ids, name=str(spec))
+        except KeyError as e:
+            raise CatalogError(
+                f"catalog {spec!r}: {e.args[0]}; datasets: {', '.join(base.dataset_ids)}"
+            ) from None
     if isinstance(spec, str) and "+" in spec and not Path(spec).is_file():
         first, *rest = spec.split("+")
         catalog = load_catalog(first)

@@ -172,6 +172,7 @@ class CaseRunner:
         catalog = self.predictor.catalog
         classes = select_classes(catalog, classes=list(class_keys))
         case_dir = Path(out) / name
+        cpu0 = time.process_time()  # this process's CPU (every thread): the case's cost on a shared machine
         try:
             record = self.predictor.predict_file(
                 Path(path), case_dir, classes=classes, masks=masks, progress=progress
@@ -182,6 +183,7 @@ class CaseRunner:
                 reason = f"{type(e).__name__}: {reason}\n{traceback.format_exc(limit=3)}"
             return {"case": name, "input": str(path), "status": "failed", "error": reason}
         record = {"case": name, "status": "ok", **record, "stamp": stamp}
+        record["cpu_seconds"] = round(time.process_time() - cpu0, 3)
         _atomic_json(case_dir / CASE_FILE, record)
         return record
 

@@ -75,6 +75,7 @@ def network_arguments(description: Mapping[str, Any]) -> dict[str, Any]:
             "in_channels": int(description.get("in_channels", 1)),
             "patch_size_zyx": [int(p) for p in description["patch_size_zyx"]],
             "spacing_zyx_mm": [float(s) for s in backbone["spacing_zyx_mm"]],
+            "output": str(description.get("output", "sigmoid_heads")),
         }
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"model description lacks or garbles {e}") from None
@@ -88,7 +89,12 @@ def file_sha256(path: Path) -> str:
 
 @dataclass
 class LoadedModel:
-    """The rebuilt network (eval mode, deep supervision off) and its label space and plan."""
+    """The rebuilt network (eval mode, deep supervision off) and its label space and plan.
+
+    ``network`` outputs one logit per global class of the catalog whatever the model's output kind
+    (``files.network["output"]``): a merged-softmax network is wrapped so that its output is each class's
+    log-odds (:func:`multitalent.models.class_logits_network`); the sigmoid of the sliding window then
+    gives that class's probability."""
 
     network: torch.nn.Module
     files: ModelFiles
@@ -115,7 +121,7 @@ def load_model(files: ModelFiles, *, device: str | torch.device = "cpu") -> Load
     """
     import torch
 
-    from multitalent.models import build_network
+    from multitalent.models import build_network, class_logits_network, output_heads
 
     if files.catalog.hash != files.plan.catalog_hash:
         raise ModelError(
@@ -123,14 +129,20 @@ def load_model(files: ModelFiles, *, device: str | torch.device = "cpu") -> Load
             f"({files.plan.catalog_hash})"
         )
     heads = [int(n) for n in files.network["heads"]]
-    if tuple(heads) != files.catalog.classes_per_dataset():
+    output = str(files.network.get("output", "sigmoid_heads"))  # models before output kinds: sigmoid
+    try:
+        expected = output_heads(output, files.catalog)
+    except ValueError as e:
+        raise ModelError(f"{files.weights}: {e}") from None
+    if tuple(heads) != expected:
         raise ModelError(
             f"{files.weights}: network heads {heads} do not match the label space "
-            f"{list(files.catalog.classes_per_dataset())}"
+            f"({output}: {list(expected)})"
         )
     if not Path(files.weights).is_file():
         raise ModelError(f"{files.weights}: weights file missing")
     args = dict(files.network)
+    args["output"] = output
     network = build_network(args.pop("arch"), args.pop("heads"), deep_supervision=False, **args)
     if Path(files.weights).suffix == ".safetensors":  # a model package (verified when it was opened)
         from multitalent.registry import PackageError, open_package
@@ -140,7 +152,7 @@ def load_model(files: ModelFiles, *, device: str | torch.device = "cpu") -> Load
         except (PackageError, RuntimeError) as e:
             raise ModelError(f"{files.weights}: {e}") from None
         network.eval().to(device)
-        return LoadedModel(network, files)
+        return LoadedModel(class_logits_network(network, output=output, catalog=files.catalog), files)
     try:
         state = torch.load(files.weights, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -151,7 +163,7 @@ def load_model(files: ModelFiles, *, device: str | torch.device = "cpu") -> Load
         first = str(e).splitlines()[0]
         raise ModelError(f"{files.weights}: weights do not fit the network ({first})") from None
     network.eval().to(device)
-    return LoadedModel(network, files)
+    return LoadedModel(class_logits_network(network, output=output, catalog=files.catalog), files)
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -8,6 +8,14 @@ from multitalent.models.backbones import Backbone
 from multitalent.models.flops import FlopCount, count_forward_macs
 from multitalent.models.heads import HeadGroups
 from multitalent.models.network import MultiTalentNet
+from multitalent.models.outputs import (
+    MERGED_SOFTMAX,
+    SIGMOID_HEADS,
+    available_outputs,
+    class_logits_forward,
+    class_logits_network,
+    output_heads,
+)
 from multitalent.models.registry import (
     PAPER_PATCH_SIZE_ZYX,
     PAPER_SPACING_ZYX_MM,
@@ -18,16 +26,22 @@ from multitalent.models.registry import (
 from multitalent.models.topology import UNetTopology, plan_unet_topology
 
 __all__ = [
+    "MERGED_SOFTMAX",
     "PAPER_PATCH_SIZE_ZYX",
     "PAPER_SPACING_ZYX_MM",
+    "SIGMOID_HEADS",
     "Backbone",
     "FlopCount",
     "HeadGroups",
     "MultiTalentNet",
     "UNetTopology",
     "available_architectures",
+    "available_outputs",
     "build_network",
+    "class_logits_forward",
+    "class_logits_network",
     "count_forward_macs",
+    "output_heads",
     "plan_unet_topology",
     "register_architecture",
 ]

@@ -15,6 +15,9 @@ from multitalent.models.heads import HeadGroups
 class MultiTalentNet(nn.Module):
     """Backbone + head groups; returns logits (the sigmoid belongs to the loss and to inference).
 
+    ``output`` names what the channels mean (:mod:`multitalent.models.outputs`): ``sigmoid_heads``, one
+    channel per (dataset, class); ``merged_softmax``, one group of softmax channels over merged labels.
+
     ``forward(x_bczyx)`` with ``x_bczyx`` float ``(B, in_channels, z, y, x)``, each spatial size a multiple of
     ``divisible_by_zyx``, returns:
 
@@ -36,12 +39,15 @@ class MultiTalentNet(nn.Module):
         deep_supervision: bool,
         in_channels: int,
         patch_size_zyx: Sequence[int],
+        output: str = "sigmoid_heads",
     ) -> None:
         super().__init__()
         if len(heads) == 0:
             raise ValueError(f"{arch}: heads must list the number of classes of at least one dataset")
         self.arch = arch
         self.size = size
+        # what the channels mean (multitalent.models.outputs): recorded so inference reads them right
+        self.output = output
         self.in_channels = int(in_channels)
         self.patch_size_zyx = tuple(int(p) for p in patch_size_zyx)
         self.feature_channels = backbone.feature_channels
@@ -155,6 +161,7 @@ class MultiTalentNet(nn.Module):
             "patch_size_zyx": list(self.patch_size_zyx),
             "spacing_zyx_mm": list(self.backbone_config["spacing_zyx_mm"]),
             "gradient_checkpointing": bool(self.backbone_config.get("gradient_checkpointing", False)),
+            "output": self.output,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -167,6 +174,7 @@ class MultiTalentNet(nn.Module):
             "parameters": {"total": n_backbone + n_heads, "backbone": n_backbone, "heads": n_heads},
             "num_classes": self.num_classes,
             "head_groups": list(self.head_groups),
+            "output": self.output,
             "deep_supervision": self._deep_supervision,
             "ds_levels": self.ds_levels,
             "ds_strides_zyx": [list(s) for s in self.ds_strides_zyx],

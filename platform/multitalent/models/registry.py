@@ -13,6 +13,7 @@ from multitalent.models.backbones import (
     build_swin_unetr,
 )
 from multitalent.models.network import MultiTalentNet
+from multitalent.models.outputs import available_outputs
 from multitalent.preprocess.plan import DEFAULT_SPACING_ZYX_MM
 
 PAPER_PATCH_SIZE_ZYX = (96, 192, 192)
@@ -61,6 +62,7 @@ def build_network(
     patch_size_zyx: Sequence[int] = PAPER_PATCH_SIZE_ZYX,
     spacing_zyx_mm: Sequence[float] = PAPER_SPACING_ZYX_MM,
     gradient_checkpointing: bool = False,
+    output: str = "sigmoid_heads",
 ) -> MultiTalentNet:
     """Build a MultiTalent network.
 
@@ -75,6 +77,8 @@ def build_network(
         patch_size_zyx: training patch; the CNN topology is planned from it (nnU-Net rule).
         spacing_zyx_mm: voxel spacing of the patch, used by the planner.
         gradient_checkpointing: SwinUNETR only (MONAI ``use_checkpoint``).
+        output: what the channels mean (:mod:`multitalent.models.outputs`); recorded on the network
+            (``build_kwargs``, ``describe``) so that inference converts them to per-class logits.
 
     Raises:
         ValueError: unknown arch or size, empty or non-positive heads, a patch the topology cannot divide,
@@ -88,6 +92,8 @@ def build_network(
         raise ValueError(f"heads must be positive class counts, one per dataset, got {list(heads)}")
     if in_channels <= 0:
         raise ValueError(f"in_channels must be positive, got {in_channels}")
+    if output not in available_outputs():
+        raise ValueError(f"unknown output kind {output!r}; choose one of {available_outputs()}")
     backbone = _ARCHITECTURES[arch](
         size=size,
         in_channels=in_channels,
@@ -103,4 +109,5 @@ def build_network(
         deep_supervision=deep_supervision,
         in_channels=in_channels,
         patch_size_zyx=patch_size_zyx,
+        output=output,
     )

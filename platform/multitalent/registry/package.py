@@ -178,7 +178,7 @@ class ModelCard:
             "",
             f"{architecture['build']['arch']} ({architecture['build']['size']}), "
             f"{architecture['description']['parameters']['total']:,} parameters, "
-            f"{catalog.num_classes} sigmoid heads in {len(catalog.datasets)} groups; "
+            f"{_heads_phrase(catalog, architecture['build'].get('output', 'sigmoid_heads'))}; "
             f"patch {architecture['build']['patch_size_zyx']} (z, y, x) at "
             f"{list(plan.target_spacing_zyx_mm)} mm.",
             "",
@@ -218,6 +218,12 @@ class ModelCard:
         return "\n".join(lines)
 
 
+def _heads_phrase(catalog: Catalog, output: str) -> str:
+    if output == "sigmoid_heads":
+        return f"{catalog.num_classes} sigmoid heads in {len(catalog.datasets)} groups"
+    return f"output {output} read as {catalog.num_classes} classes of {len(catalog.datasets)} datasets"
+
+
 # --------------------------------------------------------------------------------------- writing
 def write_package(
     out: str | Path,
@@ -243,13 +249,16 @@ def write_package(
     """
     from safetensors.torch import save_file
 
+    from multitalent.models.outputs import output_heads
+
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new folder")
-    if tuple(model.head_groups) != catalog.classes_per_dataset():
+    expected = output_heads(model.output, catalog)
+    if tuple(model.head_groups) != expected:
         raise PackageError(
             f"the network's head groups {list(model.head_groups)} differ from the catalog's "
-            f"{list(catalog.classes_per_dataset())}"
+            f"({model.output}) {list(expected)}"
         )
     if plan.catalog_hash != catalog.hash:
         raise PackageError(
@@ -388,6 +397,7 @@ class ModelPackage:
             patch_size_zyx=b["patch_size_zyx"],
             spacing_zyx_mm=b["spacing_zyx_mm"],
             gradient_checkpointing=b.get("gradient_checkpointing", False),
+            output=b.get("output", "sigmoid_heads"),
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -422,6 +432,7 @@ def open_package(folder: str | Path, *, source: str = "", version: str | None = 
         PackageError: see :func:`verify_package`; also unreadable JSON, a plan or catalog that does not
             load, or head groups that differ from the catalog.
     """
+    from multitalent.models.outputs import output_heads
     from multitalent.preprocess.plan import Plan, PlanError
 
     folder = Path(folder)
@@ -444,14 +455,15 @@ def open_package(folder: str | Path, *, source: str = "", version: str | None = 
     try:
         catalog = Catalog.from_dict(labels["catalog"])
         heads = list(architecture["build"]["heads"])
+        output = str(architecture["build"].get("output", "sigmoid_heads"))
+        expected = list(output_heads(output, catalog))
     except (KeyError, TypeError, ValueError) as e:
         raise PackageError(
             f"{folder}: {LABELS} or {ARCHITECTURE} malformed ({type(e).__name__}: {e})"
         ) from None
-    if heads != list(catalog.classes_per_dataset()):
+    if heads != expected:
         raise PackageError(
-            f"{folder / ARCHITECTURE}: heads {heads} differ from {LABELS} "
-            f"{list(catalog.classes_per_dataset())}"
+            f"{folder / ARCHITECTURE}: heads {heads} differ from {LABELS} ({output}) {expected}"
         )
     return ModelPackage(
         folder=folder,

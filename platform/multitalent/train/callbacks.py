@@ -92,12 +92,18 @@ class Validation(CallbackBase):
         i = result.iteration
         if self.validator is None or trainer.stop_reason or not trainer.cadence.validation_due(i):
             return
+        from multitalent.models import class_logits_forward
+
         epoch = trainer.cadence.epochs_done(i)
         engine = trainer.engine
+        # per-class logits of the catalog whatever the output kind (a merged softmax is converted)
+        forward = class_logits_forward(
+            engine, output=trainer.job.architecture.output, catalog=trainer.catalog
+        )
         engine.eval()
         try:
             outcome = self.validator.run(
-                engine, device=trainer.device, dtype=trainer.dtype, lut=trainer.lut, title=f"epoch {epoch}"
+                forward, device=trainer.device, dtype=trainer.dtype, lut=trainer.lut, title=f"epoch {epoch}"
             )
         finally:
             engine.train()
@@ -288,6 +294,7 @@ class Progress(CallbackBase):
         self.iterations = 0
         self.launch_iterations = 0
         self.t_launch = self.t_epoch = self.t_line = time.perf_counter()
+        self.cpu_launch = time.process_time()
 
     def _write(self, record: dict[str, Any]) -> None:
         import json
@@ -308,6 +315,7 @@ class Progress(CallbackBase):
 
         self.path = trainer.run_dir / PROGRESS_FILE
         self.t_launch = self.t_epoch = self.t_line = time.perf_counter()
+        self.cpu_launch = time.process_time()
         s = trainer.job.schedule
         self._write(
             {
@@ -349,6 +357,7 @@ class Progress(CallbackBase):
             "seconds": seconds,
             "eta_s": (now - self.t_launch) / self.launch_iterations * remaining,
             "skipped_nonfinite": trainer.state.skipped_nonfinite,
+            "cpu_s": time.process_time() - self.cpu_launch,
         }
         validation = trainer.validation
         if validation is not None and validation.iteration == i + 1:
@@ -366,6 +375,7 @@ class Progress(CallbackBase):
                 "iteration": trainer.state.iteration,
                 "total": trainer.job.schedule.total_iterations,
                 "seconds": time.perf_counter() - self.t_launch,
+                "cpu_s": time.process_time() - self.cpu_launch,
                 "stop_reason": trainer.stop_reason,
                 "validation_iteration": None if v is None else v.iteration,
             }

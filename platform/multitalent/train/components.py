@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from multitalent.registry.package import ModelPackage
     from multitalent.train.batches import AugmentPlan
     from multitalent.train.schedule import Schedule
-    from multitalent.train.step import MultiTalentObjective
 
 
 @dataclass(frozen=True)
@@ -94,18 +93,20 @@ def load_data_setup(job: TrainJob, *, catalog: Catalog | None = None) -> DataSet
 
 
 def build_model(job: TrainJob, catalog: Catalog, spacing_zyx_mm: tuple[float, float, float]) -> Any:
-    """The job's network (plain torch; no distributed code in it)."""
-    from multitalent.models import build_network
+    """The job's network (plain torch; no distributed code in it); its heads as ``architecture.output``
+    lays them out for ``catalog``."""
+    from multitalent.models import build_network, output_heads
 
     a = job.architecture
     return build_network(
         a.arch,
-        catalog.classes_per_dataset(),
+        output_heads(a.output, catalog),
         size=a.size,
         deep_supervision=a.deep_supervision,
         patch_size_zyx=a.patch_zyx,
         spacing_zyx_mm=spacing_zyx_mm,
         gradient_checkpointing=a.checkpointing,
+        output=a.output,
     )
 
 
@@ -360,6 +361,8 @@ def check_architecture(
             [float(s) for s in b["spacing_zyx_mm"]],
         ),
     ]
+    if job.init is not None and job.init.transfer == "all":  # the heads are kept too: same output kind
+        pairs.append(("architecture.output", a.output, b.get("output", "sigmoid_heads")))
     for field, ours, theirs in pairs:
         if ours != theirs:
             raise ValueError(f"{field}: the job has {ours}, the package {package.source} has {theirs}")
@@ -448,7 +451,7 @@ class RunParts:
     spacing_zyx_mm: tuple[float, float, float]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    objective: MultiTalentObjective
+    objective: torch.nn.Module  # MultiTalentObjective, or the objective of architecture.output
     schedule: Schedule
     augment: AugmentPlan
     deepspeed_config: dict[str, Any]
@@ -512,7 +515,7 @@ def assemble(
     from multitalent.registry.package import PackageError
     from multitalent.registry.store import RegistryError
     from multitalent.train.schedule import build_phase_optimizer
-    from multitalent.train.step import MultiTalentObjective
+    from multitalent.train.step import build_objective
 
     world_size = job.workers.num_workers if world_size is None else world_size
     ds_config = deepspeed_config(job)
@@ -558,8 +561,12 @@ def assemble(
         spacing_zyx_mm=spacing,
         model=model,
         optimizer=build_phase_optimizer(model, phase, job.optimiser, lr=schedule.lr_at(0)),
-        objective=MultiTalentObjective(
-            catalog, n_levels=output_levels(model), dice=job.loss.dice, reduction=job.loss.reduction
+        objective=build_objective(
+            job.architecture.output,
+            catalog,
+            n_levels=output_levels(model),
+            dice=job.loss.dice,
+            reduction=job.loss.reduction,
         ),
         schedule=schedule,
         augment=augment,

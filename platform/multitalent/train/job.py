@@ -36,6 +36,10 @@ class ArchitectureSection(StrictModel):
     # SwinUNETR only (MONAI use_checkpoint): ~17.5 GiB instead of ~30 GB at the paper's batch on a GPU.
     # Default: on for swin_unetr (the paper's setting), off otherwise.
     gradient_checkpointing: bool | None = None
+    # What the output channels are (multitalent.models.outputs): sigmoid_heads = one sigmoid head per
+    # (dataset, class) with the partial-label loss (MultiTalent); merged_softmax = one softmax over the
+    # labels merged by name, unannotated structures as background, CE + Dice (the naive baseline).
+    output: Literal["sigmoid_heads", "merged_softmax"] = "sigmoid_heads"
 
     @property
     def checkpointing(self) -> bool:
@@ -316,6 +320,15 @@ class TrainJob(StrictModel):
             raise ValueError(
                 f"batch.global_size {b} is not divisible by workers.num_workers {n} "
                 "(the micro-batch per worker is global_size / num_workers)"
+            )
+        if (
+            self.init is not None
+            and self.init.transfer == "all"
+            and self.architecture.output != "sigmoid_heads"
+        ):
+            raise ValueError(
+                f"init.transfer: all appends head groups per dataset, which architecture.output "
+                f"{self.architecture.output!r} does not have; use transfer: backbone"
             )
         if self.finetune is not None:
             f = self.finetune

@@ -384,7 +384,8 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
     lines.append(
         f"model: {job.architecture.arch} ({job.architecture.size}), {n_params:,} parameters, "
         f"{parts.output_levels} output level(s), patch {job.architecture.patch_zyx}; "
-        f"loss {type(parts.objective.loss).__name__}"
+        f"output {job.architecture.output}; loss {type(parts.objective.loss).__name__}"
+        f"({type(getattr(parts.objective.loss, 'loss', None)).__name__})"
     )
     if parts.init is not None:  # fine-tuning / adding datasets: the package and the head layout
         from multitalent.train.components import describe_init

@@ -11,13 +11,15 @@ Records (one JSON object per line; ``time`` is the Unix time of writing):
 - ``{"event": "start", "iteration", "total", "stop", "epochs", "iterations_per_epoch", "world_size",
   "global_batch", "resumed_from"}``: the workers are up; ``iteration`` is where this launch starts.
 - ``{"event": "epoch", "epoch", "epochs", "iteration", "total", "loss", "lr", "samples_per_s",
-  "seconds", "eta_s", "skipped_nonfinite", "validation"?}``: an epoch ended; ``loss`` is its mean loss
-  over ranks (``null`` when every iteration was skipped), ``seconds`` its wall clock, ``eta_s`` the
-  time left for this launch at the launch's pace so far; ``validation`` (when it ran): the MLflow
+  "seconds", "eta_s", "skipped_nonfinite", "cpu_s", "validation"?}``: an epoch ended; ``loss`` is its mean
+  loss over ranks (``null`` when every iteration was skipped), ``seconds`` its wall clock, ``eta_s`` the
+  time left for this launch at the launch's pace so far, ``cpu_s`` the CPU seconds rank 0's process
+  used since this launch started (every thread; the cost on a shared machine, where wall clock is not);
+  ``validation`` (when it ran): the MLflow
   metrics of the pass (``val/dice/<dataset>/<class>``, ``val/dice_dataset/<dataset>``,
   ``val/dice_mean/{class,dataset,...}``).
 - ``{"event": "step", ...}``: the same fields mid-epoch, when an epoch runs long (a heartbeat).
-- ``{"event": "end", "iteration", "total", "seconds", "stop_reason", "validation_iteration"}``.
+- ``{"event": "end", "iteration", "total", "seconds", "cpu_s", "stop_reason", "validation_iteration"}``.
 
 Written by the driver only (never in the file): ``{"event": "waiting", "message"}`` while the workers
 have not started, and ``{"event": "done", ...}`` (:func:`done_record`) at the end.

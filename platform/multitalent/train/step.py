@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +17,11 @@ from multitalent.catalog import Catalog
 from multitalent.data.augment import AugmentConfig, augment_batch
 from multitalent.losses import (
     DeepSupervisionLoss,
+    MergedSoftmaxLoss,
     PartialLabelLoss,
     deep_supervision_weights,
     downsample_labels,
+    merged_targets_from_labels,
     targets_from_labels,
 )
 
@@ -62,6 +65,73 @@ class MultiTalentObjective(nn.Module):
         lut = self.region_lut
         targets = [targets_from_labels(lab, inputs.dataset_idx_b, lut) for lab in labels]
         return self.loss(levels, targets, inputs.annotated_bk, reduce=reduce)
+
+
+class MergedSoftmaxObjective(nn.Module):
+    """The naive baseline (``architecture.output: merged_softmax``): raw labels -> merged labels through
+    the catalog's naive merge (:func:`multitalent.catalog.merge.merge_by_name`; classes of one name
+    merged, unannotated structures background), deep supervision, softmax CE + Dice
+    (:class:`~multitalent.losses.MergedSoftmaxLoss`). Same call as :class:`MultiTalentObjective`."""
+
+    def __init__(self, catalog: Catalog, *, n_levels: int, dice: str = "batch") -> None:
+        from multitalent.catalog.merge import merge_by_name
+
+        super().__init__()
+        self.merged = merge_by_name(catalog)
+        self.lut_dv: Tensor
+        self.register_buffer("lut_dv", torch.as_tensor(self.merged.lut_dv), persistent=False)
+        weights = deep_supervision_weights(n_levels) if n_levels > 1 else [1.0]
+        self.loss = DeepSupervisionLoss(MergedSoftmaxLoss(dice=dice), weights)  # type: ignore[arg-type]
+
+    def forward(
+        self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
+    ) -> tuple[Tensor, dict]:
+        outputs = net(inputs.image_bczyx)
+        levels = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+        levels = [o.float() for o in levels]
+        labels = downsample_labels(inputs.label_bzyx, [o.shape[2:] for o in levels])
+        targets = [merged_targets_from_labels(lab, inputs.dataset_idx_b, self.lut_dv) for lab in labels]
+        return self.loss(levels, targets, inputs.annotated_bk, reduce=reduce)
+
+
+class ObjectiveBuilder(Protocol):
+    """Builds the objective of an output kind: ``(catalog, n_levels=, dice=, reduction=) -> module``
+    whose ``forward(net, inputs, reduce=None)`` returns ``(loss, metrics)``."""
+
+    def __call__(self, catalog: Catalog, *, n_levels: int, dice: str, reduction: str) -> nn.Module: ...
+
+
+def _partial_label(catalog: Catalog, *, n_levels: int, dice: str, reduction: str) -> nn.Module:
+    return MultiTalentObjective(catalog, n_levels=n_levels, dice=dice, reduction=reduction)
+
+
+def _merged_softmax(catalog: Catalog, *, n_levels: int, dice: str, reduction: str) -> nn.Module:
+    return MergedSoftmaxObjective(catalog, n_levels=n_levels, dice=dice)  # no partial labels to reduce
+
+
+# The objective of each output kind (multitalent.models.outputs registers the kinds themselves).
+_OBJECTIVES: dict[str, ObjectiveBuilder] = {
+    "sigmoid_heads": _partial_label,
+    "merged_softmax": _merged_softmax,
+}
+
+
+def register_objective(output: str, builder: ObjectiveBuilder) -> None:
+    """Train models of output kind ``output`` (registered in :mod:`multitalent.models.outputs`) with
+    ``builder``'s objective."""
+    from multitalent.models.outputs import output_kind
+
+    output_kind(output)  # raises for an unregistered kind
+    if output in _OBJECTIVES:
+        raise ValueError(f"output kind {output!r} already has an objective")
+    _OBJECTIVES[output] = builder
+
+
+def build_objective(output: str, catalog: Catalog, *, n_levels: int, dice: str, reduction: str) -> nn.Module:
+    """The training objective of output kind ``output`` (``architecture.output`` of the job)."""
+    if output not in _OBJECTIVES:
+        raise ValueError(f"no training objective for output kind {output!r}; known: {sorted(_OBJECTIVES)}")
+    return _OBJECTIVES[output](catalog, n_levels=n_levels, dice=dice, reduction=reduction)
 
 
 def augment_inputs(
