@@ -6,11 +6,18 @@ run predict for them?
    share of each kidney label that is kidney tumour (the BTCV-like protocol labels tumour as kidney).
 2. ``patches``: the validation patches of the fold (as :class:`Validator` draws them) and how many
    sampled training patches of P04 contain each kidney.
-3. ``--run NAME``: the run's last checkpoint on those validation patches: target and predicted voxels,
+3. ``batches`` (``--iterations N``): the training batches exactly as a run gets them (the rank's
+   source of :func:`multitalent.train.components.assemble`, augmented with the step's generator),
+   per laterality mode: how many samples of each paired dataset hold the left label, the right
+   label, both, and, of those with both, in how many the left label lies at lower x (the patient's
+   left) than the right label. ``swap`` and ``off`` must keep it there in every sample (up to
+   rotations of small structures); ``naive`` flips it in the x-mirrored half.
+4. ``--run NAME``: the run's last checkpoint on those validation patches: target and predicted voxels,
    true positives and the highest probability inside the target, per paired class.
 
-    .venv/bin/python bench/laterality_checks.py                       # 1 and 2
+    .venv/bin/python bench/laterality_checks.py                       # 1, 2 and 3
     .venv/bin/python bench/laterality_checks.py --run laterality-off-s0-it320
+    .venv/bin/python bench/laterality_checks.py --set catalog=/abs/catalog.json --set shards.path=DIR
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ def phantom(setup) -> None:
     import zarr
 
     from multitalent.synth.anatomy import FOV_MM, Tissue, render_tissues, sample_anatomy
-    from multitalent.synth.collection import SCANS
+    from multitalent.synth.collection import SCANS, phantom_catalog
     from multitalent.synth.geometry import grid_affine
 
     cat = setup.catalog
@@ -56,7 +63,9 @@ def phantom(setup) -> None:
         print(f"  {ref.dataset_id} {ref.case_id:11s} {split:5s} " + " | ".join(parts))
     # The grid and anatomy draws of synth.collection.make_case, to see tissues behind the labels.
     print("   kidney tumour share of each P04 kidney label (generator, seed 0):")
-    scan, index = SCANS["P04"], cat.dataset_index("P04")
+    # The generator seeds each case with the dataset's index in the phantom preset (not in a subset
+    # catalog made from it).
+    scan, index = SCANS["P04"], phantom_catalog().dataset_index("P04")
     for i in range(cat.dataset("P04").num_cases):
         anatomy_seq, grid_seq, _ = np.random.SeedSequence([0, index, i]).spawn(3)
         anatomy = sample_anatomy(np.random.default_rng(anatomy_seq), force_tumours=i == 0)
@@ -117,6 +126,57 @@ def patches(job, setup, plan) -> None:
     )
 
 
+def batches(job, iterations: int) -> None:
+    """Section 3: left/right labels in the real, augmented training batches of each mode."""
+    from multitalent.train.batches import step_generator
+    from multitalent.train.components import assemble
+
+    print(f"3. augmented training batches ({iterations} iterations x {job.workers.num_workers} ranks)")
+    for mode in ("swap", "off", "naive"):
+        mjob = job.model_copy(
+            update={
+                "data": job.data.model_copy(
+                    update={"augmentation": job.data.augmentation.model_copy(update={"laterality": mode})}
+                )
+            }
+        )
+        counts: dict[str, Counter[str]] = {ds: Counter() for ds in PAIRED}
+        for rank in range(job.workers.num_workers):
+            parts = assemble(mjob, rank=rank)
+            cat = parts.catalog
+            values = {}
+            for ds in PAIRED:
+                d = cat.dataset(ds)
+                ((left, right),) = d.lateral_pairs
+                (lv,) = next(c.raw_values for c in d.classes if c.name == left)
+                (rv,) = next(c.raw_values for c in d.classes if c.name == right)
+                values[ds] = (cat.dataset_index(ds), lv, rv)
+            for i, batch in parts.batches(0, iterations, loader_workers=0):
+                if not parts.augment.in_loader:
+                    batch = parts.augment.apply(batch, step_generator(job.run.seed, rank, i))
+                for b in range(len(batch)):
+                    for ds, (di, lv, rv) in values.items():
+                        if int(batch.dataset_idx_b[b]) != di:
+                            continue
+                        lab = batch.label_bzyx[b].numpy()
+                        c = counts[ds]
+                        c["samples"] += 1
+                        has_l, has_r = bool((lab == lv).any()), bool((lab == rv).any())
+                        c["left"] += has_l
+                        c["right"] += has_r
+                        if has_l and has_r:
+                            c["both"] += 1
+                            xl = np.argwhere(lab == lv)[:, 2].mean()
+                            xr = np.argwhere(lab == rv)[:, 2].mean()
+                            c["left at lower x"] += bool(xl < xr)
+        for ds in PAIRED:
+            c = counts[ds]
+            print(
+                f"  {mode:5s} {ds}: {c['samples']} samples; left label in {c['left']}, right in "
+                f"{c['right']}, both in {c['both']}, of which left at lower x in {c['left at lower x']}"
+            )
+
+
 def predictions(job, setup, plan, run: str) -> None:
     import torch
 
@@ -126,7 +186,7 @@ def predictions(job, setup, plan, run: str) -> None:
     from multitalent.train.validation import Validator
 
     ckpt = sorted((Path(job.run.storage_path) / run).glob("ckpt-it*"))[-1]
-    print(f"3. predictions of {ckpt}")
+    print(f"4. predictions of {ckpt}")
     cat = setup.catalog
     model = build_model(job, cat, setup.spacing_zyx_mm)
     model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
@@ -162,15 +222,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--job", default="jobs/demo_cpu.yaml")
     p.add_argument("--run", help="a finished run under the job's run.storage_path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job override")
+    p.add_argument("--iterations", type=int, default=50, help="training iterations for section 3")
     args = p.parse_args()
     from multitalent.train.components import augment_plan, load_data_setup
     from multitalent.train.job import load_train_job
 
-    job = load_train_job(REPO / args.job)
+    job = load_train_job(REPO / args.job, args.set)
     setup = load_data_setup(job)
     plan = augment_plan(job)
     phantom(setup)
     patches(job, setup, plan)
+    if args.iterations:
+        batches(job, args.iterations)
     if args.run:
         predictions(job, setup, plan, args.run)
     return 0
