@@ -13,11 +13,15 @@ run predict for them?
    left) than the right label. ``swap`` and ``off`` must keep it there in every sample (up to
    rotations of small structures); ``naive`` flips it in the x-mirrored half.
 4. ``--run NAME``: the run's last checkpoint on those validation patches: target and predicted voxels,
-   true positives and the highest probability inside the target, per paired class.
+   true positives, predicted voxels on the other side's target (left/right confused) and the highest
+   probability inside the target, per paired class; then the Dice over the patches.
 
     .venv/bin/python bench/laterality_checks.py                       # 1, 2 and 3
-    .venv/bin/python bench/laterality_checks.py --run laterality-off-s0-it320
+    .venv/bin/python bench/laterality_checks.py --iterations 0 --run NAME --set run.storage_path=...
     .venv/bin/python bench/laterality_checks.py --set catalog=/abs/catalog.json --set shards.path=DIR
+
+Pass the run's own settings with ``--set`` (catalog, shards.path, validation.patches_per_case,
+run.seed) so that section 4 scores the run's validation patches.
 """
 
 from __future__ import annotations
@@ -99,7 +103,13 @@ def patches(job, setup, plan) -> None:
         job, setup, cases=setup.val_cases, patch_zyx=plan.patch_zyx, batch_size=1, rank=0, world_size=1
     )
     val = Validator(
-        src, seed=job.run.seed, patches_per_case=1, rank=0, world_size=1, batch_size=1, overlays=False
+        src,
+        seed=job.run.seed,
+        patches_per_case=job.validation.patches_per_case,
+        rank=0,
+        world_size=1,
+        batch_size=1,
+        overlays=False,
     )
     for it in val.items:
         ds, case = src.refs[it.case_index]
@@ -195,9 +205,16 @@ def predictions(job, setup, plan, run: str) -> None:
         job, setup, cases=setup.val_cases, patch_zyx=plan.patch_zyx, batch_size=1, rank=0, world_size=1
     )
     val = Validator(
-        src, seed=job.run.seed, patches_per_case=1, rank=0, world_size=1, batch_size=1, overlays=False
+        src,
+        seed=job.run.seed,
+        patches_per_case=job.validation.patches_per_case,
+        rank=0,
+        world_size=1,
+        batch_size=1,
+        overlays=False,
     )
     lut = torch.as_tensor(cat.region_lut())
+    totals: dict[str, Counter[str]] = {}
     for it in val.items:
         ds, case = src.refs[it.case_index]
         if ds not in PAIRED:
@@ -208,14 +225,28 @@ def predictions(job, setup, plan, run: str) -> None:
         prob = torch.sigmoid(out[0] if isinstance(out, list | tuple) else out)
         target = targets_from_labels(batch.label_bzyx, batch.dataset_idx_b, lut)
         for left, right in cat.dataset(ds).lateral_pairs:
-            for name in (left, right):
+            for name, other in ((left, right), (right, left)):
                 k = next(c.index for c in cat.classes if c.key == f"{ds}:{name}")
-                t, p = target[0, k], prob[0, k] > 0.5
+                k_other = next(c.index for c in cat.classes if c.key == f"{ds}:{other}")
+                t, p, t_other = target[0, k], prob[0, k] > 0.5, target[0, k_other]
                 top = float(prob[0, k][t].max()) if t.any() else float("nan")
+                c = totals.setdefault(f"{ds} {name}", Counter())
+                c.update(
+                    target=int(t.sum()), predicted=int(p.sum()), tp=int((p & t).sum()),
+                    on_other=int((p & t_other).sum()),
+                )  # fmt: skip
                 print(
-                    f"  {ds} {case:11s} {name:13s} target {int(t.sum()):5d} predicted {int(p.sum()):5d} "
-                    f"tp {int((p & t).sum()):5d} max p in target {top:.2f}"
+                    f"  {ds} {case:11s} {tuple(it.center_zyx)!s:14s} {name:13s} target {int(t.sum()):5d} "
+                    f"predicted {int(p.sum()):5d} tp {int((p & t).sum()):5d} on the other side's "
+                    f"target {int((p & t_other).sum()):5d}; max p in target {top:.2f}"
                 )
+    print("   over the validation patches (Dice as the validator computes it):")
+    for key, c in totals.items():
+        dice = 2 * c["tp"] / (c["target"] + c["predicted"]) if c["target"] + c["predicted"] else float("nan")
+        print(
+            f"  {key:16s} Dice {dice:.2f}; target {c['target']}, predicted {c['predicted']}, "
+            f"of which {c['on_other']} on the other side's target"
+        )
 
 
 def main() -> int:
@@ -223,7 +254,7 @@ def main() -> int:
     p.add_argument("--job", default="jobs/demo_cpu.yaml")
     p.add_argument("--run", help="a finished run under the job's run.storage_path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job override")
-    p.add_argument("--iterations", type=int, default=50, help="training iterations for section 3")
+    p.add_argument("--iterations", type=int, default=50, help="training iterations for section 3 (0: skip)")
     args = p.parse_args()
     from multitalent.train.components import augment_plan, load_data_setup
     from multitalent.train.job import load_train_job
