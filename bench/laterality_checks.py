@@ -35,6 +35,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRED = ("P04", "P05")
+# P04's kidney labels include the kidney tumour (BTCV-like protocol): kidney ~200 HU, tumour ~90 HU
+# (synth.anatomy: 180 and 70 HU, noise sd 14, P04's offset +20); the midpoint splits them.
+KIDNEY_TUMOUR_BELOW_HU = 145
 
 
 def phantom(setup) -> None:
@@ -224,6 +227,8 @@ def predictions(job, setup, plan, run: str) -> None:
             out = model(batch.image_bczyx)
         prob = torch.sigmoid(out[0] if isinstance(out, list | tuple) else out)
         target = targets_from_labels(batch.label_bzyx, batch.dataset_idx_b, lut)
+        norm = setup.plan.normalization
+        dark = batch.image_bczyx[0, 0] * norm.std + norm.mean < KIDNEY_TUMOUR_BELOW_HU
         for left, right in cat.dataset(ds).lateral_pairs:
             for name, other in ((left, right), (right, left)):
                 k = next(c.index for c in cat.classes if c.key == f"{ds}:{name}")
@@ -233,7 +238,8 @@ def predictions(job, setup, plan, run: str) -> None:
                 c = totals.setdefault(f"{ds} {name}", Counter())
                 c.update(
                     target=int(t.sum()), predicted=int(p.sum()), tp=int((p & t).sum()),
-                    on_other=int((p & t_other).sum()),
+                    on_other=int((p & t_other).sum()), dark=int((t & dark).sum()),
+                    dark_tp=int((p & t & dark).sum()),
                 )  # fmt: skip
                 print(
                     f"  {ds} {case:11s} {tuple(it.center_zyx)!s:14s} {name:13s} target {int(t.sum()):5d} "
@@ -243,9 +249,16 @@ def predictions(job, setup, plan, run: str) -> None:
     print("   over the validation patches (Dice as the validator computes it):")
     for key, c in totals.items():
         dice = 2 * c["tp"] / (c["target"] + c["predicted"]) if c["target"] + c["predicted"] else float("nan")
+        bright, bright_tp = c["target"] - c["dark"], c["tp"] - c["dark_tp"]
+        tumour = (
+            f"; recall {bright_tp / bright:.2f} on its bright part, {c['dark_tp'] / c['dark']:.2f} on its "
+            f"part below {KIDNEY_TUMOUR_BELOW_HU} HU ({c['dark'] / c['target']:.0%} of the target: tumour)"
+            if key.startswith("P04") and c["dark"] and bright
+            else ""
+        )
         print(
             f"  {key:16s} Dice {dice:.2f}; target {c['target']}, predicted {c['predicted']}, "
-            f"of which {c['on_other']} on the other side's target"
+            f"of which {c['on_other']} on the other side's target{tumour}"
         )
 
 
