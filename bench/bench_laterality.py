@@ -1,22 +1,33 @@
 """Left and right (issue 15): validation Dice of the three ``data.augmentation.laterality`` modes.
 
 Each run is the real platform, ``multitalent train JOB --set data.augmentation.laterality=MODE
---set run.seed=SEED --set schedule.epochs=...``, on the converted phantom collection (convert first:
-``multitalent convert jobs/convert.yaml``). Runs go one after the other (they share the machine's
-cores); the script then reads each run's final validation Dice from its MLflow store
-(``runs/<name>/mlflow.db``, read-only sqlite) and reports, per run and per mode (mean over seeds):
+--set run.seed=SEED --set schedule.epochs=...``, on the converted phantom collection. Runs go one
+after the other (they share the machine's cores); the script then reads each run's validation Dice
+from its MLflow store (``<storage>/mlflow.db``, read-only sqlite, the run id from the run directory)
+and reports, per run and per mode (mean over seeds):
 
 - every lateral pair class of the catalog (phantom: P04 left/right kidney, P05 left/right lung),
 - the mean over paired classes and over unpaired classes, each over the classes every run validated
-  (validation patches are drawn from the seed: a class in no patch of a seed has no Dice there).
+  (validation patches are drawn from the seed: a class in no patch of a seed has no Dice there),
+- the confound check: each mode's gain over ``--reference`` (default ``naive``) on paired and on
+  unpaired classes, and their difference. ``swap`` and ``naive`` mirror exactly as often, so their
+  difference is the effect of the labels alone; ``off`` also mirrors less, which may speed up
+  convergence for every class: the part of its paired gain that its unpaired classes share is that,
+  the rest is laterality. The mean unpaired Dice at every validation shows whether the runs converged.
 
-The issue's protocol is ``jobs/demo_cpu.yaml`` for 2,000 iterations (50 epochs of 40), about 20 min
-a run on 2 cores; ``--iterations`` sets the budget (``schedule.epochs = iterations / 40``), and
-``--validate-every`` the validation cadence in epochs (the last epoch always validates).
+``--datasets`` trains on a subset of the job's catalog (e.g. the datasets with lateral pairs and
+two without), so that the paired datasets get a larger share of the iterations: the script writes
+the subset catalog (``bench/out/laterality/catalog-<ids>.json``) and converts it with
+``multitalent convert jobs/convert.yaml`` into ``data_shards/phantom-<ids>`` (skipped when up to date).
+Without it the job's collection must be converted first (``multitalent convert jobs/convert.yaml``).
 
     .venv/bin/python bench/bench_laterality.py --iterations 2000            # the issue's protocol
-    .venv/bin/python bench/bench_laterality.py --iterations 400 --seeds 0 1 # what fits a busy machine
-    .venv/bin/python bench/bench_laterality.py --report-only --iterations 400  # re-read finished runs
+    .venv/bin/python bench/bench_laterality.py --datasets P01 P04 P05 P07 --iterations 1200 \\
+        --iterations-per-epoch 100 --validate-every 2 --val-patches 4      # docs/results.md
+    .venv/bin/python bench/bench_laterality.py ... --report-only            # re-read finished runs
+
+A run whose final validation is already in the store is not trained again (delete its directory to
+redo it); an interrupted run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -38,54 +49,123 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "laterality"
 MODES = ("swap", "off", "naive")
-ITERATIONS_PER_EPOCH = 40  # jobs/demo_cpu.yaml
 
 
-def run_name(mode: str, seed: int, iterations: int) -> str:
-    return f"laterality-{mode}-s{seed}-it{iterations}"
+def run_name(args: argparse.Namespace, mode: str, seed: int) -> str:
+    tag = f"-{''.join(args.datasets)}" if args.datasets else ""
+    return f"laterality{tag}-{mode}-s{seed}-it{args.iterations}"
+
+
+def subset_catalog(catalog_name: str, datasets: list[str]) -> Path:
+    """A catalog file holding ``datasets`` of ``catalog_name`` (the preset's entries, unchanged)."""
+    from multitalent.catalog import load_catalog
+
+    cat = load_catalog(catalog_name)
+    known = [d.id for d in cat.datasets]
+    missing = [d for d in datasets if d not in known]
+    if missing:
+        raise SystemExit(f"--datasets: {missing} not in catalog {catalog_name!r} ({', '.join(known)})")
+    data = cat.to_dict()
+    data.pop("hash", None)  # of the whole catalog; the subset's is computed when it is loaded
+    data["name"] = f"{cat.name}-{''.join(datasets)}"
+    data["datasets"] = [d for d in data["datasets"] if d["id"] in datasets]
+    path = OUT / f"catalog-{''.join(datasets)}.json"
+    text = json.dumps(data, indent=1) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
+def convert(catalog: Path, out: Path) -> None:
+    cmd = [
+        *cli(),
+        "convert",
+        "jobs/convert.yaml",
+        "--set", f"catalog={catalog}",
+        "--set", f"out={out}",
+    ]  # fmt: skip
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise SystemExit(f"conversion into {out}: exit {proc.returncode}")
+
+
+def cli() -> list[str]:
+    exe = Path(sys.executable).with_name("multitalent")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "multitalent.cli"]
+
+
+def overrides(args: argparse.Namespace, mode: str, seed: int) -> list[str]:
+    epochs = args.iterations // args.iterations_per_epoch
+    sets = [
+        f"run.name={run_name(args, mode, seed)}",
+        f"run.storage_path={args.storage}",
+        f"run.seed={seed}",
+        f"data.augmentation.laterality={mode}",
+        f"schedule.epochs={epochs}",
+        f"schedule.iterations_per_epoch={args.iterations_per_epoch}",
+        f"checkpoint.every_iterations={args.iterations_per_epoch}",
+        f"validation.every_epochs={args.validate_every}",
+        f"validation.patches_per_case={args.val_patches}",
+    ]
+    if args.catalog_file is not None:
+        sets += [f"catalog={args.catalog_file}", f"shards.path={args.shards}"]
+    return sets
 
 
 def train(args: argparse.Namespace, mode: str, seed: int) -> dict[str, Any]:
-    epochs = args.iterations // ITERATIONS_PER_EPOCH
-    name = run_name(mode, seed, args.iterations)
-    cmd = [
-        str(Path(sys.executable).with_name("multitalent")),
-        "train",
-        args.job,
-        "--set", f"run.name={name}",
-        "--set", f"run.storage_path={args.storage}",
-        "--set", f"run.seed={seed}",
-        "--set", f"data.augmentation.laterality={mode}",
-        "--set", f"schedule.epochs={epochs}",
-        "--set", f"schedule.iterations_per_epoch={ITERATIONS_PER_EPOCH}",
-        "--set", f"validation.every_epochs={args.validate_every}",
-    ]  # fmt: skip
-    if not Path(cmd[0]).exists():
-        cmd[:1] = [sys.executable, "-m", "multitalent.cli"]
+    name = run_name(args, mode, seed)
+    cmd = [*cli(), "train", args.job]
+    for s in overrides(args, mode, seed):
+        cmd += ["--set", s]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     log = OUT / f"{name}.log"
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
+    for attempt in range(1 + args.retries):
+        # A failed launch (on a shared machine: a worker killed for memory) is relaunched under the
+        # same run name, which resumes from its last verified checkpoint.
+        with log.open("a") as f:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
+        if proc.returncode == 0:
+            break
+        print(f"  {name}: exit {proc.returncode} (attempt {attempt + 1}); see {log}", flush=True)
+    else:
+        raise SystemExit(f"{name}: failed {1 + args.retries} times; see {log}")
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: exit {proc.returncode}; see {log}")
-    return {"name": name, "wall_s": round(wall, 1), "command": " ".join(cmd)}
+    return {"wall_s": round(wall, 1), "attempts": attempt + 1, "command": " ".join(cmd)}
 
 
 def read_dice(storage: Path, name: str) -> dict[str, dict[int, float]]:
-    """``metric -> {iteration: value}`` of every ``val/dice/...`` metric of run ``name``."""
-    db = storage / name / "mlflow.db"
-    if not db.is_file():
-        raise SystemExit(f"{db}: no MLflow store (has run {name} finished?)")
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute("select key, step, value from metrics where key like 'val/dice/%'").fetchall()
-    finally:
-        con.close()
+    """``metric -> {iteration: value}`` of every ``val/dice/...`` metric of run ``name`` (iterations
+    counted from 1, as the run prints them); empty when the run has not logged any (not started).
+
+    The MLflow run id is in ``<storage>/<name>/mlflow_run_id``; the store is ``<storage>/mlflow.db``
+    (one per storage path), or ``<storage>/<name>/mlflow.db`` for runs from before 2026-11-30.
+    """
+    run_dir = storage / name
+    id_file = run_dir / "mlflow_run_id"
+    if not id_file.is_file():
+        return {}
+    run_id = id_file.read_text().strip()
     out: dict[str, dict[int, float]] = {}
-    for key, step, value in rows:
-        out.setdefault(key, {})[int(step)] = float(value)
+    for db in (storage / "mlflow.db", run_dir / "mlflow.db"):
+        if not db.is_file():
+            continue
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute(
+                "select key, step, value from metrics where run_uuid = ? and key like 'val/dice/%'",
+                (run_id,),
+            ).fetchall()
+        finally:
+            con.close()
+        for key, step, value in rows:
+            # Validation is logged on the MLflow step of the iteration that ended (iteration - 1).
+            out.setdefault(key, {})[int(step) + 1] = float(value)
+        if out:
+            break
     return out
 
 
@@ -112,22 +192,33 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(scored) if scored else float("nan")
 
 
-def summarise(results: list[dict[str, Any]], paired: list[str], unpaired: list[str]) -> dict[str, Any]:
-    # Unpaired classes count only where every run validated them (a class absent from every
-    # validation patch has no Dice).
+def summarise(
+    results: list[dict[str, Any]], paired: list[str], unpaired: list[str], *, reference: str
+) -> dict[str, Any]:
+    # A class counts only where every run validated it (a class absent from every validation patch
+    # of a seed has no Dice there).
     common = [k for k in unpaired if all(k in r["dice"] for r in results)]
     common_paired = [k for k in paired if all(k in r["dice"] for r in results)]
     rows = []
     for r in results:
         dice = {k: final(r["dice"][k]) for k in paired + common if k in r["dice"]}
+        steps = sorted(set.intersection(*(set(r["dice"][k]) for k in common))) if common else []
         rows.append(
             {
                 "mode": r["mode"],
                 "seed": r["seed"],
+                "name": r["name"],
                 "wall_s": r.get("wall_s"),
                 "paired": {k: dice.get(k, float("nan")) for k in paired},
                 "paired_mean": statistics.fmean(dice[k] for k in common_paired),
                 "unpaired_mean": statistics.fmean(dice[k] for k in common),
+                # mean unpaired Dice at each validation: did the run converge?
+                "unpaired_curve": {s: statistics.fmean(r["dice"][k][s] for k in common) for s in steps},
+                "paired_curve": {
+                    s: statistics.fmean(r["dice"][k][s] for k in common_paired)
+                    for s in steps
+                    if all(s in r["dice"][k] for k in common_paired)
+                },
                 "history": {k: r["dice"][k] for k in paired if k in r["dice"]},
             }
         )
@@ -143,64 +234,133 @@ def summarise(results: list[dict[str, Any]], paired: list[str], unpaired: list[s
                 "unpaired_mean": statistics.fmean(r["unpaired_mean"] for r in mine),
             }
         )
-    return {"runs": rows, "modes": modes, "paired_classes": common_paired, "unpaired_classes": common}
+    # Gains over the reference mode, seed by seed (the same validation patches within a seed).
+    ref = {r["seed"]: r for r in rows if r["mode"] == reference}
+    gains = []
+    for m in modes:
+        per_seed = [
+            (
+                r["paired_mean"] - ref[r["seed"]]["paired_mean"],
+                r["unpaired_mean"] - ref[r["seed"]]["unpaired_mean"],
+            )
+            for r in rows
+            if r["mode"] == m["mode"] and r["seed"] in ref
+        ]
+        if per_seed and m["mode"] != reference:
+            dp = [p for p, _ in per_seed]
+            du = [u for _, u in per_seed]
+            gains.append(
+                {
+                    "mode": m["mode"],
+                    "paired_gain": dp,
+                    "unpaired_gain": du,
+                    "laterality_gain": [p - u for p, u in per_seed],
+                }
+            )
+    return {
+        "runs": rows,
+        "modes": modes,
+        "reference": reference,
+        "gains": gains,
+        "paired_classes": common_paired,
+        "unpaired_classes": common,
+    }
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def table(summary: dict[str, Any], paired: list[str]) -> str:
     short = [k.removeprefix("val/dice/") for k in paired]
     head = ["mode", "seed", *short, "paired mean", "unpaired mean"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_row(head), "|" + "---|" * len(head)]
     for r in summary["runs"]:
         cells = [r["mode"], str(r["seed"]), *(f"{r['paired'][k]:.2f}" for k in paired)]
-        lines.append(
-            "| " + " | ".join([*cells, f"{r['paired_mean']:.3f}", f"{r['unpaired_mean']:.3f}"]) + " |"
-        )
+        lines.append(_row([*cells, f"{r['paired_mean']:.3f}", f"{r['unpaired_mean']:.3f}"]))
     for m in summary["modes"]:
         cells = [f"**{m['mode']}**", "mean", *(f"{m['paired'][k]:.2f}" for k in paired)]
-        lines.append(
-            "| " + " | ".join([*cells, f"{m['paired_mean']:.3f}", f"{m['unpaired_mean']:.3f}"]) + " |"
-        )
+        lines.append(_row([*cells, f"{m['paired_mean']:.3f}", f"{m['unpaired_mean']:.3f}"]))
+    if summary["gains"]:
+        ref = summary["reference"]
+        lines += [
+            "",
+            _row([f"gain over {ref}, per seed", "paired", "unpaired", "paired - unpaired (laterality)"]),
+            "|---|---|---|---|",
+        ]
+        for g in summary["gains"]:
+            fmt = lambda v: " / ".join(f"{x:+.3f}" for x in v)  # noqa: E731
+            lines.append(
+                _row([g["mode"], fmt(g["paired_gain"]), fmt(g["unpaired_gain"]), fmt(g["laterality_gain"])])
+            )
+    lines += ["", _row(["run", "paired mean at each validation", "unpaired mean at each validation"])]
+    lines.append("|---|---|---|")
+    for r in summary["runs"]:
+        pc = ", ".join(f"{v:.2f}" for _, v in sorted(r["paired_curve"].items()))
+        uc = ", ".join(f"{v:.2f}" for _, v in sorted(r["unpaired_curve"].items()))
+        steps = ", ".join(str(s) for s in sorted(r["unpaired_curve"]))
+        lines.append(_row([f"{r['mode']} s{r['seed']} (it {steps})", pc, uc]))
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--job", default="jobs/demo_cpu.yaml")
-    p.add_argument("--iterations", type=int, default=2000, help="per run; a multiple of 40")
+    p.add_argument("--iterations", type=int, default=2000, help="per run")
+    p.add_argument("--iterations-per-epoch", type=int, default=40, help="also the checkpoint interval")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--reference", default="naive", choices=MODES, help="mode the gains are measured from")
     p.add_argument("--validate-every", type=int, default=4, help="epochs between validations")
+    p.add_argument("--val-patches", type=int, default=1, help="validation patches per case")
+    p.add_argument("--datasets", nargs="+", help="train on these datasets of the catalog only")
     p.add_argument("--storage", type=Path, default=REPO / "runs")
     p.add_argument("--report-only", action="store_true", help="read finished runs, train nothing")
+    p.add_argument("--retries", type=int, default=2, help="relaunches (resuming) of a failed run")
     args = p.parse_args()
-    if args.iterations % ITERATIONS_PER_EPOCH:
-        p.error(f"--iterations must be a multiple of {ITERATIONS_PER_EPOCH}")
+    if args.iterations % args.iterations_per_epoch:
+        p.error(f"--iterations must be a multiple of --iterations-per-epoch ({args.iterations_per_epoch})")
+    args.storage = args.storage.resolve()
     OUT.mkdir(parents=True, exist_ok=True)
     from multitalent.train.job import load_train_job
 
     catalog = load_train_job(REPO / args.job).catalog
+    args.catalog_file = args.shards = None
+    if args.datasets:
+        args.datasets = sorted(dict.fromkeys(args.datasets))
+        args.catalog_file = subset_catalog(catalog, args.datasets)
+        args.shards = REPO / "data_shards" / f"{catalog}-{''.join(args.datasets)}"
+        if not args.report_only:
+            convert(args.catalog_file, args.shards)
+        catalog = str(args.catalog_file)
     paired, unpaired = class_keys(catalog)
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results = []
     for seed in args.seeds:
         for mode in args.modes:
-            info = {"mode": mode, "seed": seed, "name": run_name(mode, seed, args.iterations)}
-            if not args.report_only:
+            name = run_name(args, mode, seed)
+            info: dict[str, Any] = {"mode": mode, "seed": seed, "name": name}
+            done = any(args.iterations in h for h in read_dice(args.storage, name).values())
+            if not args.report_only and not done:
                 info |= train(args, mode, seed)
-                print(f"  {info['name']}: {info['wall_s']:.0f} s", flush=True)
-            info["dice"] = read_dice(args.storage, info["name"])
+                print(f"  {name}: {info['wall_s']:.0f} s", flush=True)
+            info["dice"] = read_dice(args.storage, name)
+            if not info["dice"]:
+                raise SystemExit(f"{args.storage / name}: no validation logged (has the run finished?)")
             results.append(info)
-    summary = summarise(results, paired, unpaired)
+    summary = summarise(results, paired, unpaired, reference=args.reference)
     text = table(summary, paired)
     record = {
         "started_utc": started,
+        "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{pyplatform.node()} {pyplatform.machine()}, {os.cpu_count()} CPUs",
         "job": args.job,
+        "overrides": overrides(args, "MODE", 0),
         "iterations": args.iterations,
         "argv": sys.argv,
         **summary,
     }
-    stem = f"laterality_it{args.iterations}"
+    stem = f"laterality{'-' + ''.join(args.datasets) if args.datasets else ''}_it{args.iterations}"
     (OUT / f"{stem}.json").write_text(json.dumps(record, indent=1))
     (OUT / f"{stem}.md").write_text(text + "\n")
     print(text)

@@ -357,3 +357,37 @@ def test_the_training_paths_pass_the_datasets_to_the_swap():
     batch = Batch(image, label, didx, annotated, ["a", "b", "c"])
     batch = plan.apply(batch, torch.Generator().manual_seed(0))
     assert torch.equal(targets_from_labels(batch.label_bzyx, didx, lut), expected)
+
+
+def test_the_real_training_batches_keep_the_left_label_on_the_patients_left(phantom_shards):
+    """The converted phantom through the trainer's own source and augmentation (issue 15's data check):
+    with ``swap`` and ``off`` the left kidney / left lung label lies at lower x (the patient's left,
+    RAS+) than the right one in every sample holding both; ``naive`` moves it to the right side in
+    x-mirrored samples."""
+    from multitalent.train.batches import step_generator
+    from multitalent.train.components import assemble
+    from multitalent.train.job import load_train_job
+
+    pairs = {"P04": (3, 2), "P05": (1, 2)}  # raw values of (left, right) in the phantom's labels
+    kept: dict[str, list[bool]] = {}
+    for mode in ("swap", "off", "naive"):
+        job = load_train_job(
+            "jobs/demo_cpu.yaml",
+            [f"shards.path={phantom_shards}", f"data.augmentation.laterality={mode}", "run.seed=3"],
+        )
+        parts = assemble(job, rank=0)
+        cat = parts.catalog
+        kept[mode] = []
+        for i, batch in parts.batches(0, 40, loader_workers=0):
+            batch = parts.augment.apply(batch, step_generator(job.run.seed, 0, i))
+            for b in range(len(batch)):
+                ds = cat.datasets[int(batch.dataset_idx_b[b])].id
+                if ds not in pairs:
+                    continue
+                lab = batch.label_bzyx[b].numpy()
+                left, right = (np.argwhere(lab == v)[:, 2] for v in pairs[ds])
+                if len(left) and len(right):
+                    kept[mode].append(bool(left.mean() < right.mean()))
+    assert len(kept["swap"]) >= 10, kept
+    assert all(kept["swap"]) and all(kept["off"]), kept
+    assert 0 < sum(kept["naive"]) < len(kept["naive"]), kept

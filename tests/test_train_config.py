@@ -312,3 +312,30 @@ def test_rays_latest_goes_first_among_equal_iterations(tmp_path):
     c = fake_checkpoint(tmp_path, 20)
     assert order_candidates(a, [b, a, c]) == [a, b, c]
     assert order_candidates(b, [a, b, c]) == [b, a, c]
+
+
+def test_a_relative_catalog_file_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    # Ray workers run in other directories: a job naming its catalog file relative to where the
+    # command runs must still load it there (it used to fail inside the workers).
+    from multitalent.catalog import load_catalog
+    from multitalent.train.launch import absolute_paths
+
+    phantom = load_catalog("phantom")
+    data = phantom.to_dict()
+    data.pop("hash")
+    data["name"] = "mine"
+    data["datasets"] = [d for d in data["datasets"] if d["id"] in ("P04", "P05")]
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "mine.json").write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    job = load_train_job(
+        Path(__file__).parents[1] / "jobs" / "pretrain_cpu_tiny.yaml", ["catalog=cats/mine.json"]
+    )
+    fixed = absolute_paths(job)
+    assert fixed.catalog == str(tmp_path / "cats" / "mine.json")
+    monkeypatch.chdir(tmp_path / "cats")  # elsewhere, as a worker
+    assert [d.id for d in load_catalog(fixed.catalog).datasets] == ["P04", "P05"]
+    monkeypatch.chdir(tmp_path)
+    both = absolute_paths(job.model_copy(update={"catalog": "phantom+cats/mine.json"}))
+    assert both.catalog == f"phantom+{tmp_path / 'cats' / 'mine.json'}"
+    assert absolute_paths(job.model_copy(update={"catalog": "phantom"})).catalog == "phantom"

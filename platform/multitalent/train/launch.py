@@ -55,8 +55,9 @@ class TrainResult:
 
 
 def absolute_paths(job: TrainJob, base: Path | None = None) -> TrainJob:
-    """The job with ``shards.path`` and ``run.storage_path`` made absolute against ``base`` (default:
-    the current directory): Ray workers run in other directories."""
+    """The job with ``shards.path``, ``run.storage_path`` and a catalog file (``catalog:`` naming a
+    file under ``base``, or such files joined by ``+``) made absolute against ``base`` (default: the
+    current directory): Ray workers run in other directories. Preset names stay as they are."""
     base = (base or Path.cwd()).resolve()
 
     def absolute(p: str) -> str:
@@ -65,8 +66,17 @@ def absolute_paths(job: TrainJob, base: Path | None = None) -> TrainJob:
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
 
+    def catalog_part(p: str) -> str:
+        return absolute(p) if (base / Path(p).expanduser()).is_file() else p
+
+    catalog = job.catalog
+    if (base / catalog).is_file():
+        catalog = absolute(catalog)
+    elif "+" in catalog:
+        catalog = "+".join(catalog_part(p) for p in catalog.split("+"))
     return job.model_copy(
         update={
+            "catalog": catalog,
             "shards": job.shards.model_copy(update={"path": absolute(job.shards.path)}),
             "run": job.run.model_copy(
                 update={
