@@ -305,7 +305,7 @@ def table(summary: dict[str, Any], paired: list[str]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--job", default="jobs/demo_cpu.yaml")
+    p.add_argument("--job", default="jobs/laterality_cpu.yaml")
     p.add_argument("--iterations", type=int, default=2000, help="per run")
     p.add_argument("--iterations-per-epoch", type=int, default=40, help="also the checkpoint interval")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -264,7 +264,7 @@ def predictions(job, setup, plan, run: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--job", default="jobs/demo_cpu.yaml")
+    p.add_argument("--job", default="jobs/laterality_cpu.yaml")
     p.add_argument("--run", help="a finished run under the job's run.storage_path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job override")
     p.add_argument("--iterations", type=int, default=50, help="training iterations for section 3 (0: skip)")
