@@ -372,7 +372,7 @@ def test_the_real_training_batches_keep_the_left_label_on_the_patients_left(phan
     kept: dict[str, list[bool]] = {}
     for mode in ("swap", "off", "naive"):
         job = load_train_job(
-            "jobs/demo_cpu.yaml",
+            "jobs/laterality_cpu.yaml",
             [f"shards.path={phantom_shards}", f"data.augmentation.laterality={mode}", "run.seed=3"],
         )
         parts = assemble(job, rank=0)
