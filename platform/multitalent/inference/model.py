@@ -92,9 +92,10 @@ class LoadedModel:
     """The rebuilt network (eval mode, deep supervision off) and its label space and plan.
 
     ``network`` outputs one logit per global class of the catalog whatever the model's output kind
-    (``files.network["output"]``): a merged-softmax network is wrapped so that its output is each class's
-    log-odds (:func:`multitalent.models.class_logits_network`); the sigmoid of the sliding window then
-    gives that class's probability."""
+    (``files.network["output"]``): a merged-softmax network is wrapped so that each class's logit is
+    positive exactly where the softmax's argmax is one of its labels
+    (:func:`multitalent.models.class_logits_network`), so the sliding window's sigmoid and ``p > 0.5``
+    work unchanged."""
 
     network: torch.nn.Module
     files: ModelFiles
