@@ -16,7 +16,7 @@ from multitalent.catalog import Catalog, DatasetSpec, load_catalog
 from multitalent.catalog.merge import merge_by_name
 from multitalent.losses import MergedSoftmaxLoss, merged_targets_from_labels
 from multitalent.models import build_network, class_logits_forward, class_logits_network, output_heads
-from multitalent.models.outputs import PROBABILITY_EPS, merged_class_logits
+from multitalent.models.outputs import merged_class_logits
 
 
 def two_datasets() -> Catalog:
@@ -160,15 +160,34 @@ def test_loss_rejects_bad_inputs():
 
 
 # ------------------------------------------------------------------------------------ class logits
-def test_class_logits_are_the_log_odds_of_the_summed_probabilities():
+def test_class_logits_decide_as_the_argmax_of_the_softmax():
+    """Channels 0 background, 1 liver, 2 liver tumour, 3 spleen; classes A:liver = {1, 2}, A:liver
+    tumour = {2}, B:liver = {1}, B:spleen = {3}. A class's score is a / (a + b): a its best label's
+    probability, b the best other label's; positive logit exactly where the argmax is one of its labels."""
     m = merge_by_name(two_datasets())
     torch.manual_seed(1)
-    logits = torch.randn(2, 4, 3, 3)
+    logits = torch.randn(2, 4, 5, 5) * 3
     z = merged_class_logits(logits, torch.as_tensor(m.members_km))
-    assert z.shape == (2, 4, 3, 3)
+    assert z.shape == (2, 4, 5, 5) and torch.isfinite(z).all()
     p = torch.softmax(logits, 1)
-    expected = torch.stack([p[:, 1] + p[:, 2], p[:, 2], p[:, 1], p[:, 3]], 1)  # A:liver = liver + tumour
-    assert torch.allclose(torch.sigmoid(z), expected.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS), atol=1e-6)
+    best = lambda *labels: torch.stack([p[:, i] for i in labels]).amax(0)  # noqa: E731
+    a_b = [
+        (best(1, 2), best(0, 3)),  # A:liver, a region
+        (best(2), best(0, 1, 3)),  # A:liver tumour
+        (best(1), best(0, 2, 3)),  # B:liver
+        (best(3), best(0, 1, 2)),  # B:spleen
+    ]
+    expected = torch.stack([a / (a + b) for a, b in a_b], 1)
+    assert torch.allclose(torch.sigmoid(z), expected, atol=1e-6)
+    argmax = p.argmax(1)
+    for k, labels in enumerate(([1, 2], [2], [1], [3])):
+        assert torch.equal(z[:, k] > 0, torch.isin(argmax, torch.tensor(labels)))
+    # a hand case: p = (0.1, 0.45, 0.05, 0.4): argmax liver; A:liver 0.45 / (0.45 + 0.4), spleen 0.4 / 0.85
+    hand = torch.log(torch.tensor([0.1, 0.45, 0.05, 0.4]))[None, :, None]
+    scores = torch.sigmoid(merged_class_logits(hand, torch.as_tensor(m.members_km)))[0, :, 0]
+    assert scores.tolist() == pytest.approx([0.45 / 0.85, 0.05 / 0.5, 0.45 / 0.85, 0.4 / 0.85], abs=1e-6)
+    with pytest.raises(ValueError, match="merged channels"):
+        merged_class_logits(torch.zeros(1, 3, 2), torch.as_tensor(m.members_km))
     # a sigmoid model's output is its class logits as they are
     net = build_network("unet", [2, 2], size="tiny", patch_size_zyx=[16, 32, 32], deep_supervision=False)
     assert class_logits_network(net, output="sigmoid_heads", catalog=two_datasets()) is net
@@ -228,7 +247,7 @@ def merged_run(root: Path) -> tuple[Path, torch.nn.Module]:
     return run, net
 
 
-def test_merged_model_predicts_probabilities_per_catalog_class(tmp_path):
+def test_merged_model_predicts_scores_per_catalog_class(tmp_path):
     from multitalent.inference.cli import resolve_model
     from multitalent.inference.model import load_model
 
@@ -245,12 +264,13 @@ def test_merged_model_predicts_probabilities_per_catalog_class(tmp_path):
     assert per_class.shape == (1, catalog.num_classes, 16, 32, 32)
     m = merge_by_name(catalog)
     for c in catalog.classes:
-        expected = sum(p[:, m.index(name)] for name in m.members(c.index))
-        assert torch.allclose(
-            per_class[:, c.index], expected.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS), atol=1e-5
-        )
+        inside = [m.index(name) for name in m.members(c.index)]
+        outside = [i for i in range(m.num_channels) if i not in inside]
+        a, b = p[:, inside].amax(1), p[:, outside].amax(1)
+        assert torch.allclose(per_class[:, c.index], a / (a + b), atol=1e-5)
+        assert torch.equal(per_class[:, c.index] > 0.5, torch.isin(p.argmax(1), torch.tensor(inside)))
     keys = {c.key: c.index for c in catalog.classes}
-    # classes merged by name read the same probability; a region is at least its sub-region
+    # classes merged by name read the same score; a region scores at least its sub-region
     assert torch.equal(per_class[:, keys["P05:heart"]], per_class[:, keys["P06:heart"]])
     assert (per_class[:, keys["P01:liver"]] >= per_class[:, keys["P01:liver tumour"]]).all()
 

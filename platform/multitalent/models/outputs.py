@@ -7,12 +7,17 @@ into per-class logits of the catalog's global classes, the form everything after
 ``sigmoid_heads`` (MultiTalent, the default)
     One head group per dataset, one channel per (dataset, class); the logits are already per class.
 ``merged_softmax`` (the naive baseline, :mod:`multitalent.catalog.merge`)
-    One head group of ``1 + M`` channels, a softmax over background and the merged labels. The
-    probability of global class ``k`` is ``q_k = sum_m members[k, m] * softmax(z)_m`` and its
-    per-class logit is ``log(q_k / (1 - q_k))``, so ``sigmoid(logit) = q_k``: the sliding window's
-    sigmoid and mirroring average, the ``p > 0.5`` export and the ``logit > 0`` validation all work
-    unchanged on it. (``p > 0.5`` equals the softmax's argmax wherever one label holds the majority;
-    where none does, e.g. three labels at 0.4 / 0.35 / 0.25, no class is painted.)
+    One head group of ``1 + M`` channels, a softmax ``p`` over background and the merged labels; the
+    prediction is its argmax. Global class ``k`` covers some labels (``members[k]``; a region such as
+    P01 liver = {liver, liver tumour} covers several). Its per-class logit is
+    ``log(a_k / b_k)``, ``a_k`` the largest probability among its labels and ``b_k`` the largest among
+    all others (background included), so ``logit_k > 0`` exactly when the argmax is one of its labels
+    and ``sigmoid(logit_k) = a_k / (a_k + b_k)``: the class's share of the contest with its strongest
+    rival (its probability when only the two have mass). The ``p > 0.5`` export and the ``logit > 0``
+    validation are therefore the softmax's argmax, as a naive-merge nnU-Net would decide, with no change
+    to them. The sliding window averages these scores over mirrorings and overlapping windows as it
+    averages probabilities (nnU-Net averages the probabilities, then takes the argmax: the two can
+    differ where passes disagree).
 
 Kinds are registered (:func:`register_output`); the training objective of each kind is registered
 separately (:func:`multitalent.train.step.register_objective`), since models know nothing of losses.
@@ -32,8 +37,6 @@ from multitalent.catalog.merge import merge_by_name
 
 SIGMOID_HEADS = "sigmoid_heads"
 MERGED_SOFTMAX = "merged_softmax"
-# probabilities are clamped to [EPS, 1 - EPS] before the log-odds: finite logits, error <= EPS
-PROBABILITY_EPS = 1e-6
 
 
 Convert = Callable[[torch.Tensor], torch.Tensor]
@@ -104,19 +107,30 @@ def _converted(out: Any, convert: Convert) -> torch.Tensor:
 
 
 def merged_class_logits(logits_bm: torch.Tensor, members_km: torch.Tensor) -> torch.Tensor:
-    """Per-class log-odds ``(B, K, *spatial)`` from merged-softmax logits ``(B, M, *spatial)``.
+    """Per-class logits ``(B, K, *spatial)`` from merged-softmax logits ``(B, M, *spatial)``:
+    ``log(a_k / b_k)``, ``a_k`` the largest softmax probability among class ``k``'s labels, ``b_k``
+    the largest among the others (see the module docstring); positive exactly where the argmax is one of
+    ``k``'s labels.
 
-    ``members_km``: bool or float ``(K, M)`` (:attr:`MergedLabelSpace.members_km`). Computed in float32.
+    ``members_km``: bool ``(K, M)`` (:attr:`MergedLabelSpace.members_km`); every class must leave at
+    least one label (background) out. Computed in float32, one class at a time (memory: a few
+    ``(B, *spatial)`` maps, whatever ``K`` and ``M``).
     """
     if logits_bm.ndim < 3 or logits_bm.shape[1] != members_km.shape[1]:
         raise ValueError(
             f"merged_class_logits: logits {tuple(logits_bm.shape)} do not have the {members_km.shape[1]} "
             "merged channels"
         )
-    p = torch.softmax(logits_bm.float(), dim=1)
-    q = torch.einsum("bm...,km->bk...", p, members_km.to(p.device, torch.float32))
-    q = q.clamp(PROBABILITY_EPS, 1 - PROBABILITY_EPS)
-    return torch.log(q) - torch.log1p(-q)
+    members = torch.as_tensor(members_km, dtype=torch.bool).cpu()
+    if bool(members.all(dim=1).any()) or not bool(members.any(dim=1).all()):
+        raise ValueError("merged_class_logits: every class needs at least one label and one label outside")
+    log_p = torch.log_softmax(logits_bm.float(), dim=1)
+    out = log_p.new_empty((log_p.shape[0], members.shape[0], *log_p.shape[2:]))
+    for k in range(members.shape[0]):
+        inside = torch.nonzero(members[k]).flatten().tolist()
+        outside = torch.nonzero(~members[k]).flatten().tolist()
+        out[:, k] = log_p[:, inside].amax(dim=1) - log_p[:, outside].amax(dim=1)
+    return out
 
 
 class ClassLogits(nn.Module):
