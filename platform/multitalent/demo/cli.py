@@ -257,7 +257,7 @@ class Demo:
             version = self.publish(pretrain)
             self.convert_target(version)
             finetune = self.train("finetune", version=version)
-            self.predict(version, finetune)
+            self.predict(finetune)
             results = self.evaluate(pretrain, finetune)
             self.overlay()
         total = time.monotonic() - t0
@@ -412,20 +412,19 @@ class Demo:
             r.facts = {"version": version, "uri": f"models:/{lay.model_name}/{version}"}
         return version
 
-    def predict(self, version: str, finetune: Any) -> None:
+    def predict(self, finetune: Any) -> None:
         from multitalent.demo.layout import heldout_cases, link_inputs
 
         lay = self.layout
-        pre_cases = heldout_cases(lay.pretrain_shards, self.pretrain_catalog, lay.raw)
-        tgt_cases = heldout_cases(lay.target_shards, self.target_catalog, lay.raw)
-        n = len(pre_cases) + len(tgt_cases)
         mirror = [] if self.args.mirror else ["--no-mirror"]
         with self.stage(
             "predict",
-            f"{n} held-out cases (fold {FOLD}) as NIfTI label maps: {len(pre_cases)} by {lay.champion}, "
-            f"{len(tgt_cases)} by the fine-tuned run" + ("" if self.args.mirror else " (no mirroring)"),
+            f"fold {FOLD}'s validation cases as NIfTI label maps, by {lay.champion} (its datasets) and by "
+            f"the fine-tuned run ({lay.holdout})" + ("" if self.args.mirror else ", no mirroring"),
             bars=True,
         ) as r:
+            pre_cases = heldout_cases(lay.pretrain_shards, self.pretrain_catalog, lay.raw)
+            tgt_cases = heldout_cases(lay.target_shards, self.target_catalog, lay.raw)
             if not pre_cases or not tgt_cases:
                 which = "the pre-training datasets" if not pre_cases else lay.holdout
                 raise self.fail("predict", f"fold {FOLD} has no validation case of {which} (too few cases)")
@@ -441,7 +440,8 @@ class Demo:
                 if status != 0:
                     raise self.fail("predict", f"multitalent predict ({name}) exited with status {status}")
             r.summary = (
-                f"label maps in {_relative(lay.out / 'pretrained')}, {_relative(lay.out / 'finetuned')}"
+                f"{len(pre_cases)} + {len(tgt_cases)} cases, label maps in "
+                f"{_relative(lay.out / 'pretrained')}, {_relative(lay.out / 'finetuned')}"
             )
             r.facts = {
                 "pretrained_cases": [f"{c.dataset_id}/{c.case_id}" for c in pre_cases],
@@ -488,10 +488,8 @@ class Demo:
 
         lay = self.layout
         out = lay.out / "overlay.png"
-        case = heldout_cases(lay.target_shards, self.target_catalog, lay.raw)[0]
-        with self.stage(
-            "overlay", f"{lay.holdout} {case.case_id}, fine-tuned prediction over ground truth"
-        ) as r:
+        with self.stage("overlay", f"one {lay.holdout} case, fine-tuned prediction over ground truth") as r:
+            case = heldout_cases(lay.target_shards, self.target_catalog, lay.raw)[0]
             write_overlay(
                 raw_case=case,
                 dataset_id=lay.holdout,
@@ -500,7 +498,7 @@ class Demo:
                 out=out,
                 title=f"{lay.holdout} {case.case_id}, fine-tuned",
             )
-            r.summary = _relative(out)
+            r.summary = f"{_relative(out)} ({lay.holdout} {case.case_id})"
             r.facts = {"png": str(out), "case": f"{lay.holdout}/{case.case_id}"}
 
     # -------------------------------------------------------------------------------------- report
