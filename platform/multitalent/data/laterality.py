@@ -20,7 +20,10 @@ tells left from right by anatomy (the liver is beside the right kidney) and by p
 body (the body wall on one side). ``naive`` keeps labels with the organ (anatomy consistent,
 position contradicted in mirrored samples); ``swap`` keeps labels with the side (position consistent,
 but a mirrored sample is a situs-inversus body that test data never shows); ``off`` keeps both.
-Which matters more is empirical (``bench/bench_laterality.py``, docs/results.md).
+Which matters more is empirical (``bench/bench_laterality.py``, docs/results.md): on the phantom,
+``naive`` loses on the paired classes (each lung head fires on both lungs) while ``swap`` and ``off``
+handle them alike; ``off``'s further lead in short runs is shared by unpaired classes (less
+augmentation converging faster), so ``swap`` stays the default.
 
 For test-time augmentation, :func:`unmirror_outputs` maps the per-class outputs of a mirrored input
 back to the input's frame (flip, then swap the paired channels); averaging it over mirror
