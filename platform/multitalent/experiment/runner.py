@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from multitalent.experiment.plan import ExperimentPlan, Step
+from multitalent.preprocess.plan import PLAN_FILE
 
 Log = Callable[[str], None]
 INPUTS_FILE = "inputs.json"
@@ -333,7 +334,7 @@ def dry_run_plan(plan: ExperimentPlan) -> tuple[list[str], list[str]]:
             model = next((ln for ln in report.lines if ln.startswith("model: ")), "")
             lines.append(f"      {model}")
             for problem in report.errors:
-                if "no plan.json" in problem and not (step.run.shards / "plan.json").exists():
+                if f"no {PLAN_FILE}" in problem and not (step.run.shards / PLAN_FILE).exists():
                     lines.append(f"      data: {step.run.shards} is converted by an earlier step")
                 else:
                     errors.append(f"{step.name}: {problem}")
