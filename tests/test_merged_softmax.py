@@ -299,3 +299,39 @@ def test_predict_and_evaluate_work_unchanged_on_a_merged_model(tmp_path, capsys)
     scored = (out / "evaluation_cases.csv").read_text().splitlines()
     assert len(scored) == 1 + 4  # header + P05's four classes on the one case
     assert np.all([row.startswith("P05,") for row in scored[1:]])
+
+
+def test_a_merged_model_package_records_its_output_kind(tmp_path):
+    """``architecture.json`` of a package says ``output: merged_softmax``; opening checks the heads against
+    the merged label set (not one head per class), and predict's loader gives per-class logits."""
+    from multitalent.inference.cli import resolve_model
+    from multitalent.inference.model import load_model
+    from multitalent.preprocess import Plan
+    from multitalent.registry import PackageError, open_package
+    from multitalent.registry.package import ModelCard, write_package
+
+    catalog = load_catalog("phantom")
+    net = build_network(
+        "unet", output_heads("merged_softmax", catalog), size="tiny", patch_size_zyx=[16, 32, 32],
+        output="merged_softmax",
+    )  # fmt: skip
+    card = ModelCard(cases={}, validation={}, training={})
+    folder = write_package(
+        tmp_path / "pkg", model=net, state_dict=net.state_dict(), plan=Plan.for_catalog(catalog),
+        catalog=catalog, card=card,
+    )  # fmt: skip
+    package = open_package(folder)
+    assert package.architecture["build"]["output"] == "merged_softmax"
+    assert package.architecture["build"]["heads"] == [15]
+    assert "output merged_softmax read as 20 classes of 7 datasets" in (folder / "MODEL_CARD.md").read_text()
+    assert package.load_network().output == "merged_softmax"
+    model = load_model(resolve_model(str(folder)))
+    with torch.no_grad():
+        assert model.network(torch.randn(1, 1, 16, 32, 32)).shape == (1, 20, 16, 32, 32)
+    # a sigmoid-heads network cannot be packaged as this label space's merged softmax, nor the reverse
+    sigmoid = build_network("unet", [15], size="tiny", patch_size_zyx=[16, 32, 32])
+    with pytest.raises(PackageError, match="head groups"):
+        write_package(
+            tmp_path / "bad", model=sigmoid, state_dict=sigmoid.state_dict(), plan=Plan.for_catalog(catalog),
+            catalog=catalog, card=card,
+        )  # fmt: skip
