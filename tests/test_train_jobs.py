@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from multitalent.data.augment import sample_params
 from multitalent.train import dry_run, load_train_job
 from multitalent.train.batches import (
     AugmentPlan,
@@ -161,11 +162,18 @@ def test_the_batch_of_an_iteration_depends_only_on_seed_rank_and_iteration(tiny)
     assert tuple(first[0].image_bczyx.shape) == (2, 1, 16, 32, 32)  # augmented down to the patch
     other_rank = StepBatches(_source(tiny, 1, plan), start=0, stop=1, augment=plan).batch_at(0)
     assert not torch.equal(other_rank.image_bczyx, first[0].image_bczyx)
-    # Augmentation in the step (on the device) with the iteration's generator gives the loader's result.
+    # Augmentation in the step (on the device) with the iteration's generator gives the loader's result,
+    # although the loader read the enlarged patch only for the rotated or scaled samples.
     raw = AugmentPlan.make(enabled=True, where="device", patch_zyx=[16, 32, 32])
-    unaugmented = StepBatches(_source(tiny, 0, raw), start=0, stop=1, augment=raw).batch_at(0)
-    in_step = raw.apply(unaugmented, step_generator(0, 0, 0))
-    torch.testing.assert_close(in_step.image_bczyx, first[0].image_bczyx, rtol=0, atol=0)
+    unaugmented = StepBatches(_source(tiny, 0, raw), start=0, stop=4, augment=raw)
+    wide = []
+    for i in range(4):
+        in_step = raw.apply(unaugmented.batch_at(i), step_generator(0, 0, i))
+        torch.testing.assert_close(in_step.image_bczyx, first[i].image_bczyx, rtol=0, atol=0)
+        assert torch.equal(in_step.label_bzyx, first[i].label_bzyx)
+        assert plan.config is not None
+        wide += sample_params(plan.config, 2, step_generator(0, 0, i)).reads_beyond_patch_b.tolist()
+    assert any(wide) and not all(wide)  # both reads happened in these 4 batches
 
 
 @pytest.mark.slow

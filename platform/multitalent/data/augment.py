@@ -77,6 +77,7 @@ __all__ = [
     "all_on_config",
     "apply_params",
     "augment_batch",
+    "augment_split",
     "identity_config",
     "read_shape_zyx",
     "sample_params",
@@ -214,13 +215,83 @@ def apply_params(
             params,
             out_shape_zyx=(out_shape[0], out_shape[1], out_shape[2]),
         )
-        apply_noise(image, params)
-        apply_blur(image, params)
-        apply_brightness(image, params)
-        apply_contrast(image, params)
-        apply_lowres(image, params)
-        apply_gamma(image, mask_b=params.gamma_inverted_b, gamma_bc=params.gamma_inverted_bc, invert=True)
-        apply_gamma(image, mask_b=params.gamma_b, gamma_bc=params.gamma_bc, invert=False)
+        _apply_intensity(image, params)
+    return image, label
+
+
+def _apply_intensity(image: torch.Tensor, params: AugmentParams) -> None:
+    """Transforms 2-8 of the module docstring, in place on the output patch."""
+    apply_noise(image, params)
+    apply_blur(image, params)
+    apply_brightness(image, params)
+    apply_contrast(image, params)
+    apply_lowres(image, params)
+    apply_gamma(image, mask_b=params.gamma_inverted_b, gamma_bc=params.gamma_inverted_bc, invert=True)
+    apply_gamma(image, mask_b=params.gamma_b, gamma_bc=params.gamma_bc, invert=False)
+
+
+def augment_split(
+    wide: tuple[torch.Tensor, torch.Tensor] | None,
+    narrow: tuple[torch.Tensor, torch.Tensor] | None,
+    params: AugmentParams,
+    *,
+    config: AugmentConfig,
+    out_shape_zyx: tuple[int, int, int],
+    dataset_idx_b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment_batch` of a batch whose parameters were drawn before it was read, so that only the
+    samples that need it were read enlarged.
+
+    ``params`` (from :func:`sample_params`) covers the whole batch of B samples; ``wide`` holds the
+    ``(image_bczyx, label_bzyx)`` of the samples of ``params.reads_beyond_patch_b``, read enlarged (as
+    :func:`read_shape_zyx`), in batch order; ``narrow`` those of the other samples, read at
+    ``out_shape_zyx``. Either is None when it has no sample. The result is the whole batch in batch
+    order, equal bit for bit to :func:`augment_batch` with these parameters on the batch read enlarged
+    (the intensity transforms, the noise field included, run once on the assembled batch).
+    """
+    b = params.batch_size
+    wide_b = params.reads_beyond_patch_b
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for name, group, idx in (
+        ("wide", wide, torch.nonzero(wide_b).flatten()),
+        ("narrow", narrow, torch.nonzero(~wide_b).flatten()),
+    ):
+        have = 0 if group is None else int(group[0].shape[0])
+        if have != len(idx):
+            raise ValueError(
+                f"augment_split: {have} {name} samples given; the parameters make {len(idx)} of the "
+                f"batch of {b} {name} (params.reads_beyond_patch_b)"
+            )
+        if group is None:
+            continue
+        _check_inputs(*group)
+        in_shape = tuple(int(s) for s in group[0].shape[2:])
+        if any(o > i for o, i in zip(out_shape_zyx, in_shape)):
+            raise ValueError(
+                f"augment_split: {name} patch {in_shape} is smaller than the output {out_shape_zyx}"
+            )
+        parts.append((*group, idx))
+    swap = config.mirror_swap
+    if swap is not None:
+        if dataset_idx_b is None or tuple(dataset_idx_b.shape) != (b,):
+            raise ValueError("augment_split: config.mirror_swap (laterality: swap) needs dataset_idx_b (B,)")
+        params = swap.restrict(params, dataset_idx_b)
+    first_image, first_label, _ = parts[0]
+    device = first_image.device
+    image = torch.empty(
+        (b, int(first_image.shape[1]), *out_shape_zyx), dtype=first_image.dtype, device=device
+    )
+    label = torch.empty((b, *out_shape_zyx), dtype=first_label.dtype, device=device)
+    with torch.no_grad():
+        for g_image, g_label, idx in parts:
+            sub = params.subset(idx)
+            sub.validate(len(idx), int(g_image.shape[1]))
+            at = idx.to(device)
+            image[at], label[at] = apply_spatial(g_image, g_label, sub, out_shape_zyx=out_shape_zyx)
+        _apply_intensity(image, params)
+    if swap is not None:
+        assert dataset_idx_b is not None
+        label = swap.swap_labels(label, dataset_idx_b, params.mirror_b3[:, 2])
     return image, label
 
 

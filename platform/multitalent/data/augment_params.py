@@ -167,6 +167,23 @@ class AugmentParams:
         return int(self.rotate_b.shape[0])
 
     @property
+    def reads_beyond_patch_b(self) -> torch.Tensor:
+        """bool (B,): the samples whose spatial transform samples outside the output patch (rotated or
+        scaled). The others are a crop and flip of the patch itself, so a loader that knows the
+        parameters reads only the output patch for them (:func:`~multitalent.data.augment.augment_split`)."""
+        return self.rotate_b | self.scale_b
+
+    def subset(self, idx: torch.Tensor) -> AugmentParams:
+        """The parameters of samples ``idx`` (a 1-D index or bool mask over the batch), in that order."""
+        values = {
+            f.name: getattr(self, f.name)[idx]
+            if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return AugmentParams(**values)
+
+    @property
     def n_channels(self) -> int:
         return int(self.blur_bc.shape[1])
 

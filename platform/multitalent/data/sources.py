@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -161,6 +161,14 @@ def _check_common(
 
 
 # ----------------------------------------------------------------------------- random access
+class PatchDraw(NamedTuple):
+    """One draw of :meth:`ZarrPatchSource.draws`: training case index, centre, forced class or -1."""
+
+    case: int
+    center_zyx: tuple[int, int, int]
+    fg_class: int
+
+
 class ZarrPatchSource(IterableDataset):
     """Batches of random patches read from per-case Zarr stores.
 
@@ -253,12 +261,22 @@ class ZarrPatchSource(IterableDataset):
             self._cache.popitem(last=False)
         return case
 
-    def read_sample(self, i: int, center_zyx: Sequence[int], *, fg_class: int = -1) -> PatchSample:
-        """The patch of training case ``i`` centred at ``center_zyx``."""
+    def read_sample(
+        self,
+        i: int,
+        center_zyx: Sequence[int],
+        *,
+        fg_class: int = -1,
+        patch_zyx: Sequence[int] | None = None,
+    ) -> PatchSample:
+        """The patch of training case ``i`` centred at ``center_zyx``, of the source's patch size or
+        ``patch_zyx`` (a loader that drew the augmentation first reads less for the samples that are
+        neither rotated nor scaled)."""
         case = self.open_case(i)
+        size = self.patch_zyx if patch_zyx is None else tuple(int(p) for p in patch_zyx)
         image, label = self._retrying(
             self.paths[i],
-            lambda: extract_patch(case.image, case.label, center_zyx, self.patch_zyx, self.normalization),
+            lambda: extract_patch(case.image, case.label, center_zyx, size, self.normalization),
         )
         z, y, x = (int(c) for c in center_zyx)
         return PatchSample(
@@ -272,6 +290,11 @@ class ZarrPatchSource(IterableDataset):
 
     def samples(self, *, worker: int = 0, num_workers: int = 1) -> Iterator[PatchSample]:
         """Endless patch samples of one worker's stream (all workers see all cases)."""
+        for draw in self.draws(worker=worker, num_workers=num_workers):
+            yield self.read_sample(draw.case, draw.center_zyx, fg_class=draw.fg_class)
+
+    def draws(self, *, worker: int = 0, num_workers: int = 1) -> Iterator[PatchDraw]:
+        """The (case, centre) draws of :meth:`samples`, without reading the patches."""
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker {worker} outside [0, {num_workers})")
         sampler = PatchSampler(
@@ -293,7 +316,7 @@ class ZarrPatchSource(IterableDataset):
                     fg_locations=case.fg_locations,
                     classes_present=case.meta.get("classes_present"),
                 )
-                yield self.read_sample(int(i), draw.center_zyx, fg_class=draw.fg_class)
+                yield PatchDraw(int(i), draw.center_zyx, draw.fg_class)
 
     def __iter__(self) -> Iterator[Batch]:
         worker, num_workers = _worker_slot()

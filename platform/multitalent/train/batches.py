@@ -20,9 +20,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx
+from multitalent.data.augment import (
+    AugmentConfig,
+    augment_batch,
+    augment_split,
+    read_shape_zyx,
+    sample_params,
+)
 from multitalent.data.batch import Batch, collate
 from multitalent.data.laterality import laterality_config
+from multitalent.data.sources import PatchDraw
 
 if TYPE_CHECKING:
     from multitalent.catalog import Catalog
@@ -97,11 +104,41 @@ class StepBatches(IterableDataset):
     def batch_at(self, iteration: int) -> Batch:
         src = self.source
         src.set_epoch(iteration)  # the data stream of this iteration: stream_rngs(seed, rank, 0, epoch=i)
-        samples = src.samples(worker=0, num_workers=1)
-        batch = collate([next(samples) for _ in range(src.batch_size)], annotated_dk=src.annotated_dk)
-        if self.augment.in_loader:
-            batch = self.augment.apply(batch, step_generator(src.seed, src.rank, iteration))
-        return batch
+        draws = src.draws(worker=0, num_workers=1)
+        picks = [next(draws) for _ in range(src.batch_size)]
+        if self.augment.in_loader and self.augment.config is not None:
+            return self._augmented(picks, step_generator(src.seed, src.rank, iteration))
+        samples = [src.read_sample(d.case, d.center_zyx, fg_class=d.fg_class) for d in picks]
+        return collate(samples, annotated_dk=src.annotated_dk)
+
+    def _augmented(self, picks: list[PatchDraw], generator: torch.Generator) -> Batch:
+        """Augmentation in the loader, parameters first: only the rotated or scaled samples read the
+        enlarged patch (``read_zyx``); the others (about 2/3 under the defaults) read the output patch,
+        5.7x fewer voxels at the paper's patch. The same batch as reading every sample enlarged and
+        then augmenting (:func:`multitalent.data.augment.augment_split`)."""
+        src, plan = self.source, self.augment
+        assert plan.config is not None
+        params = sample_params(plan.config, len(picks), generator, n_channels=1)
+        wide_b = params.reads_beyond_patch_b.tolist()
+        samples = [
+            src.read_sample(
+                d.case, d.center_zyx, fg_class=d.fg_class, patch_zyx=plan.read_zyx if wide else plan.patch_zyx
+            )
+            for d, wide in zip(picks, wide_b)
+        ]
+        groups = [[s for s, w in zip(samples, wide_b) if w == want] for want in (True, False)]
+        wide, narrow = (collate(g, annotated_dk=src.annotated_dk) if g else None for g in groups)
+        dataset_idx = np.array([s.dataset_idx for s in samples], dtype=np.int64)
+        image, label = augment_split(
+            None if wide is None else (wide.image_bczyx, wide.label_bzyx),
+            None if narrow is None else (narrow.image_bczyx, narrow.label_bzyx),
+            params,
+            config=plan.config,
+            out_shape_zyx=plan.patch_zyx,
+            dataset_idx_b=torch.from_numpy(dataset_idx),
+        )
+        annotated_bk = torch.from_numpy(np.ascontiguousarray(src.annotated_dk[dataset_idx]))
+        return Batch(image, label, torch.from_numpy(dataset_idx), annotated_bk, [s.key for s in samples])
 
     def __iter__(self) -> Iterator[tuple[int, Batch]]:
         info = get_worker_info()
