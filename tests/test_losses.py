@@ -182,6 +182,30 @@ def test_non_annotated_entries_give_exactly_zero_loss_and_gradient_even_if_nan()
         assert torch.equal(m_dirty[key], m_clean[key]), key
 
 
+@pytest.mark.parametrize(
+    ("flags", "rows", "expected"),
+    [
+        ([1, 1, 0, 0, 1, 1, 1], 2, [(0, 2), (4, 6), (6, 7)]),
+        ([0, 0, 0], 4, []),
+        ([1, 1, 1, 1], 3, [(0, 3), (3, 4)]),
+        ([0, 1, 0, 1], 5, [(1, 2), (3, 4)]),
+    ],
+)
+def test_only_annotated_rows_are_visited(flags, rows, expected):
+    from multitalent.losses.voxel_sums import annotated_chunks
+
+    assert annotated_chunks(torch.tensor(flags, dtype=torch.bool), rows) == expected
+
+
+def test_a_batch_annotating_nothing_costs_nothing_and_gives_zero():
+    logits, target, _ = _case(5, b=2, k=3, spatial=(2, 2, 2))
+    logits.requires_grad_(True)
+    loss, metrics = PartialLabelLoss()(logits, target, torch.zeros(2, 3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and int(metrics["num_annotated_classes"]) == 0
+    assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
 def test_classes_are_summed_not_averaged():
     logits, target, annotated = _case(5, b=2, k=3, spatial=(2, 2, 2))
     annotated = torch.tensor([[True, True, False], [True, False, True]])
