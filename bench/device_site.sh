@@ -1,0 +1,21 @@
+# Sourced by bench/gpu.sh and bench/gpu_stack.sh on the device machine: make the packages the platform
+# needs and the device image lacks importable (the image has torch, numpy, scipy, pandas, pyarrow, ...).
+#   .device/site-py312.tar.xz  built here by bench/build_device_site.sh; carried with carry=[".device"]
+#   .whl/*.whl                 the older way (device notes): a few wheels installed with pip --target
+# Both go to /tmp/site, which is put first on PYTHONPATH.
+SITE=${SITE:-/tmp/site}
+if [ -f .device/site-py312.tar.xz ] && [ ! -f "$SITE/.unpacked" ]; then
+  t=$(date +%s)
+  mkdir -p "$SITE"
+  tar -xJf .device/site-py312.tar.xz -C "$SITE"
+  touch "$SITE/.unpacked"
+  echo "unpacked .device/site-py312.tar.xz into $SITE in $(( $(date +%s) - t )) s ($(du -sm "$SITE" | cut -f1) MB)"
+fi
+if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+fi
+if [ -d "$SITE" ]; then
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  export PATH=$SITE/bin:$PATH
+fi
+export PYTHONPATH=$PWD/platform${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
