@@ -15,9 +15,10 @@
 #      manylinux_2_28 build, so its glibc is at least 2.28);
 #   3. leave out what the device image already has (bench/device_packages.txt), download the rest;
 #   4. install them with `pip install --no-deps --target` (no bytecode), then strip what the stack does
-#      not import (ray's Java jars, RLlib, Serve, LLM, workflow and dashboard UI; every tests/ folder;
-#      DeepSpeed's C++/CUDA op sources, used only to JIT-build ops the platform does not use) and the
-#      symbol tables and debug info of shared objects and ray's executables;
+#      not import (ray's Java jars, RLlib, Serve, LLM, workflow and dashboard UI; every tests/ folder and
+#      bytecode cache) and the symbol tables and debug info of shared objects and ray's executables.
+#      DeepSpeed's op sources stay (~0.5 MB packed): the platform uses no DeepSpeed op, but if some code
+#      path JIT-builds one, the device has nvcc and ninja to do it;
 #   5. tar.xz it (xz -9) with a manifest (.site-manifest.txt: packages, versions, build date).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,8 @@ if ! compgen -G "$WORK/wheels/deepspeed-${DS#deepspeed==}-*.whl" >/dev/null; the
 fi
 
 # 2. resolve everything (metadata only) for the target interpreter and platform
-printf 'torch==2.11.0\nnumpy==2.5.2\n' >"$WORK/device-versions.txt" # what the device has (device notes)
+# what the device has (device notes); a rehearsal build for another Python resolves freely
+if [ "$PY_VERSION" = 3.12 ]; then printf 'torch==2.11.0\nnumpy==2.5.2\n'; fi >"$WORK/device-versions.txt"
 pip_ install -q --dry-run --ignore-installed --report "$WORK/report.json" "${TARGET[@]}" \
   --find-links "$WORK/wheels" --target "$WORK/resolve" \
   -r bench/device_site_requirements.txt -c "$WORK/device-versions.txt"
@@ -76,13 +78,16 @@ rm -rf "$SITE"
 pip_ install -q --no-deps --no-index --find-links "$WORK/wheels" --no-compile "${TARGET[@]}" \
   --target "$SITE" -r "$WORK/need.txt"
 before=$(du -sm "$SITE" | cut -f1)
-rm -rf "$SITE"/ray/{jars,rllib,serve,llm,workflow,setup-dev.py} "$SITE"/ray/dashboard/client \
-  "$SITE"/deepspeed/ops/csrc "$SITE"/deepspeed/inference/v2/kernels/*/csrc
+rm -rf "$SITE"/ray/{jars,rllib,serve,llm,workflow,setup-dev.py} "$SITE"/ray/dashboard/client
 find "$SITE" -depth -type d \( -name tests -o -name __pycache__ \) -exec rm -rf {} +
 find "$SITE" -type f \( -name '*.so' -o -name '*.so.*' -o -path '*/ray/core/src/*' \) -print0 |
   while IFS= read -r -d '' f; do
     if head -c 4 "$f" | grep -q ELF; then strip --strip-unneeded "$f" 2>/dev/null || true; fi
   done
+# console scripts: pip wrote this machine's interpreter into their first line
+for f in "$SITE"/bin/*; do
+  if head -1 "$f" | grep -q '^#!.*python'; then sed -i '1s|^#!.*|#!/usr/bin/env python3|' "$f"; fi
+done
 {
   echo "# site-packages for CPython $PY_VERSION x86-64 (manylinux <= 2.28), built $(date -u +%FT%TZ)"
   echo "# by bench/build_device_site.sh from bench/device_site_requirements.txt, minus bench/device_packages.txt"

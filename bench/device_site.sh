@@ -16,6 +16,5 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
 fi
 if [ -d "$SITE" ]; then
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-  export PATH=$SITE/bin:$PATH
 fi
 export PYTHONPATH=$PWD/platform${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

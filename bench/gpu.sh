@@ -21,6 +21,7 @@ SECTIONS=${SECTIONS:-gpu levers}
 mkdir -p "$RESULTS"
 exec > >(tee "$RESULTS/gpu.log") 2>&1
 source bench/device_site.sh
+source bench/budget.sh
 DEVICE=${DEVICE:-cuda} # DEVICE=cpu: the same at tiny sizes (--small), to check this script without a GPU
 if [ "$DEVICE" = cuda ]; then
   DEV_ARGS="--device cuda"
@@ -30,27 +31,6 @@ else
   DEV_ARGS="--device cpu --small"
 fi
 export DEV_ARGS
-
-# section NAME SECONDS CMD...: run CMD with a deadline of at most SECONDS (and the overall end); report.
-section() {
-  local name=$1 share=$2 now deadline rc=0
-  shift 2
-  now=$(date +%s)
-  deadline=$((now + share < END ? now + share : END))
-  if [ $((deadline - now)) -lt 20 ]; then
-    echo "== $name: skipped (time guard: $((END - now)) s of the ${BUDGET_S} s budget left)"
-    return 0
-  fi
-  echo "== $name: $((deadline - now)) s (started $((now - T0)) s into the budget)"
-  # Python starts nothing new after DEADLINE; timeout interrupts it at the section's end, kills 10 s later.
-  DEADLINE=$((deadline - 15)) timeout --signal=INT --kill-after=10 $((deadline - now)) "$@" || rc=$?
-  if [ "$rc" = 124 ] || [ "$rc" = 137 ] || [ "$rc" = 130 ]; then
-    echo "== $name: stopped by the time guard after $(($(date +%s) - now)) s (exit $rc)"
-  elif [ "$rc" != 0 ]; then
-    echo "== $name: exit status $rc"
-  fi
-  echo "== $name: done in $(($(date +%s) - now)) s"
-}
 
 for s in $SECTIONS; do
   case $s in
