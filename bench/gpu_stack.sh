@@ -32,7 +32,8 @@ mkdir -p "$RESULTS" "$W"
 exec > >(tee "$RESULTS/stack.log") 2>&1
 source bench/device_site.sh
 source bench/budget.sh
-export RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
+# A private machine with no other users: Ray's token authentication off, no usage reports (no network).
+export RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0 RAY_AUTH_MODE=disabled
 PY=python3
 MT=("$PY" -m multitalent.cli)
 
@@ -81,9 +82,26 @@ JOB=(
   --set tracking.log_every=1
   --set "run.storage_path=$W/runs"
 )
+# Ray counts GPUs through NVML; should that fail in the VM while torch sees the GPU, the trainings use a
+# Ray head started here with --num-gpus=1 (`multitalent train --address auto`) instead of a local Ray.
+ADDRESS=()
+head_start() {
+  $PY -m ray.scripts.scripts start --head --num-gpus=1 --num-cpus="$(nproc)" --include-dashboard=false \
+    --disable-usage-stats >/dev/null && ADDRESS=(--address auto)
+}
+if [ "$USE_GPU" = true ]; then
+  NGPU=$($PY -c "from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager as M
+print(M.get_current_node_num_accelerators())" 2>/dev/null || echo 0)
+  echo "Ray's NVML probe: $NGPU GPU(s)"
+  if [ "$NGPU" = 0 ]; then echo "starting a Ray head with --num-gpus=1 for the trainings" && head_start; fi
+fi
 TRAIN=("${MT[@]}" train "${JOB[@]}")
-after() { # stop Ray leftovers of an interrupted stage
-  if [ "$SECTION_RC" != 0 ]; then $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true; fi
+after() { # stop Ray leftovers of an interrupted stage (and restart the head, if one is used); on the
+  # device only: `ray stop` ends every Ray of the machine, and a CPU rehearsal may share its machine
+  if [ "$DEVICE" = cuda ] && [ "$SECTION_RC" != 0 ] && [ "$SECTION_RC" != skipped ]; then
+    $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
+    if [ ${#ADDRESS[@]} -gt 0 ]; then head_start; fi
+  fi
 }
 
 rm -rf "$W/runs" # a fresh run every time (the shards are kept)
@@ -93,15 +111,16 @@ section "in-process loops (bare, platform step)" "${SHARES[1]}" "$PY" bench/gpu_
   --device "$([ "$DEVICE" = cuda ] && echo cuda || echo cpu)" --catalog phantom --arch "$ARCH" --size "$SIZE" \
   --patch "$PATCH" --reps "$([ "$DEVICE" = cuda ] && echo 10 || echo 2)" --out "$RESULTS/bare.json" \
   --threads "$([ "$DEVICE" = cuda ] && echo 0 || echo "$CPUS")"
-section "train ZeRO-1, $ITERS_Z1 iterations" "${SHARES[2]}" "${TRAIN[@]}" \
+section "train ZeRO-1, $ITERS_Z1 iterations" "${SHARES[2]}" "${TRAIN[@]}" "${ADDRESS[@]}" \
   --set run.name=stack-z1 --set zero_stage=1 --set "schedule.stop_after_iterations=$ITERS_Z1"
 after
-section "resume ZeRO-1, $ITERS_RESUME more" "${SHARES[3]}" "${TRAIN[@]}" \
+section "resume ZeRO-1, $ITERS_RESUME more" "${SHARES[3]}" "${TRAIN[@]}" "${ADDRESS[@]}" \
   --set run.name=stack-z1 --set zero_stage=1 --set "schedule.stop_after_iterations=$((ITERS_Z1 + ITERS_RESUME))"
 after
-section "train ZeRO-3, $ITERS_Z3 iterations" "${SHARES[4]}" "${TRAIN[@]}" \
+section "train ZeRO-3, $ITERS_Z3 iterations" "${SHARES[4]}" "${TRAIN[@]}" "${ADDRESS[@]}" \
   --set run.name=stack-z3 --set zero_stage=3 --set "schedule.stop_after_iterations=$ITERS_Z3"
 after
+if [ ${#ADDRESS[@]} -gt 0 ]; then $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true; fi
 MIN_SECTION_S=5
 END=$((T0 + BUDGET_S))
 section "report" 30 "$PY" bench/gpu_stack.py report --storage "$W/runs" --runs stack-z1,stack-z3 \
