@@ -3,13 +3,17 @@
 #   .device/site-py312.tar.xz  built here by bench/build_device_site.sh; carried with carry=[".device"]
 #   .whl/*.whl                 the older way (device notes): a few wheels installed with pip --target
 # Both go to /tmp/site, which is put first on PYTHONPATH.
+# Only the archive built for this python3's version is used (compiled parts must match it).
 SITE=${SITE:-/tmp/site}
-if [ -f .device/site-py312.tar.xz ] && [ ! -f "$SITE/.unpacked" ]; then
+SITE_ARCHIVE=.device/site-$(python3 -c 'import sys; print("py%d%d" % sys.version_info[:2])').tar.xz
+if [ -f "$SITE_ARCHIVE" ] && [ ! -f "$SITE/.unpacked" ]; then
   t=$(date +%s)
   mkdir -p "$SITE"
-  tar -xJf .device/site-py312.tar.xz -C "$SITE"
+  tar -xJf "$SITE_ARCHIVE" -C "$SITE"
   touch "$SITE/.unpacked"
-  echo "unpacked .device/site-py312.tar.xz into $SITE in $(( $(date +%s) - t )) s ($(du -sm "$SITE" | cut -f1) MB)"
+  echo "unpacked $SITE_ARCHIVE into $SITE in $(($(date +%s) - t)) s ($(du -sm "$SITE" | cut -f1) MB)"
+elif [ ! -f "$SITE_ARCHIVE" ] && compgen -G ".device/site-*.tar.xz" >/dev/null; then
+  echo "note: no $SITE_ARCHIVE for this python3 ($(python3 -V)); not using $(ls .device/site-*.tar.xz)"
 fi
 if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
