@@ -206,6 +206,27 @@ def test_a_batch_annotating_nothing_costs_nothing_and_gives_zero():
     assert logits.grad is not None and torch.all(logits.grad == 0)
 
 
+def test_compiled_loss_has_no_graph_break_and_equals_eager_with_nan_in_unannotated_rows():
+    """Under torch.compile the pass visits every row and masks (no host read of ``annotated``)."""
+    logits, target, _ = _case(13, b=2, k=4, spatial=(2, 3, 3))
+    annotated = torch.tensor([[True, True, False, False], [False, False, True, False]])
+    logits[~annotated] = float("nan")
+    fn = PartialLabelLoss(chunk_elements=36)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    results = []
+    for loss_fn in (fn, compiled):
+        x = logits.clone().requires_grad_(True)
+        loss, _ = loss_fn(x, target, annotated)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (l_eager, g_eager), (l_compiled, g_compiled) = results
+    assert torch.isfinite(l_eager) and torch.isfinite(l_compiled)
+    torch.testing.assert_close(l_compiled, l_eager)
+    assert g_compiled is not None and g_eager is not None
+    torch.testing.assert_close(g_compiled, g_eager)
+    assert torch.all(g_compiled[~annotated] == 0)
+
+
 def test_classes_are_summed_not_averaged():
     logits, target, annotated = _case(5, b=2, k=3, spatial=(2, 2, 2))
     annotated = torch.tensor([[True, True, False], [True, False, True]])

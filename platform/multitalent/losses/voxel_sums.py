@@ -40,9 +40,16 @@ class _VoxelSums(torch.autograd.Function):
         n_rows = x_rn.shape[0]
         sums = x_rn.new_zeros((n_rows, 3), dtype=compute_dtype)
         aux = x_rn.new_zeros((n_rows, 4), dtype=compute_dtype)
-        chunks = annotated_chunks(a_r, rows_per_chunk)
+        # Under torch.compile, reading ``a_r`` on the host would break the graph: visit every row and
+        # mask instead (the statistics mask the non-annotated rows' sums; their gradient is 0 either way).
+        masked = torch.compiler.is_compiling()
+        chunks = (
+            [(s, min(n_rows, s + rows_per_chunk)) for s in range(0, n_rows, rows_per_chunk)]
+            if masked
+            else annotated_chunks(a_r, rows_per_chunk)
+        )
         for s, e in chunks:
-            x, y = x_rn[s:e].to(compute_dtype), y_rn[s:e].to(compute_dtype)
+            x, y = _rows(x_rn, y_rn, a_r if masked else None, s, e, compute_dtype)
             p = torch.sigmoid(x)
             sums[s:e, 0] = (p * y).sum(1)
             sums[s:e, 1] = p.sum(1)
@@ -52,25 +59,37 @@ class _VoxelSums(torch.autograd.Function):
                 pred = x > 0
                 aux[s:e, 1] = (pred & (y > 0.5)).sum(1).to(compute_dtype)
                 aux[s:e, 2] = pred.sum(1).to(compute_dtype)
-        ctx.save_for_backward(x_rn, y_rn)
+        ctx.save_for_backward(x_rn, y_rn, a_r)
         ctx.compute_dtype = compute_dtype
-        ctx.chunks = chunks
+        ctx.chunks, ctx.masked = chunks, masked
         ctx.mark_non_differentiable(aux)
         return sums, aux
 
     @staticmethod
     def backward(ctx: Any, g_sums: Tensor, g_aux: Tensor) -> tuple[Tensor | None, ...]:
-        x_rn, y_rn = ctx.saved_tensors
-        cd = ctx.compute_dtype
+        x_rn, y_rn, a_r = ctx.saved_tensors
+        cd, mask = ctx.compute_dtype, a_r if ctx.masked else None
         grad = torch.zeros_like(x_rn)
         g = g_sums.to(cd)
         for s, e in ctx.chunks:
-            x, y = x_rn[s:e].to(cd), y_rn[s:e].to(cd)
+            x, y = _rows(x_rn, y_rn, mask, s, e, cd)
             p = torch.sigmoid(x)
             g_tp, g_sp, g_bce = g[s:e, 0:1], g[s:e, 1:2], g[s:e, 2:3]
             # d(p y)/dx = y p (1-p), dp/dx = p (1-p), d bce(x, y)/dx = p - y
-            grad[s:e] = (p * (1 - p) * (g_tp * y + g_sp) + g_bce * (p - y)).to(grad.dtype)
+            gx = p * (1 - p) * (g_tp * y + g_sp) + g_bce * (p - y)
+            grad[s:e] = (gx if mask is None else torch.where(mask[s:e, None], gx, 0.0)).to(grad.dtype)
         return grad, None, None, None, None, None
+
+
+def _rows(
+    x_rn: Tensor, y_rn: Tensor, mask_r: Tensor | None, s: int, e: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Rows ``[s, e)`` in the compute dtype; with ``mask_r``, non-annotated logits are replaced by 0 before
+    any arithmetic, so NaN/Inf there cannot leak anywhere."""
+    x = x_rn[s:e].to(dtype)
+    if mask_r is not None:
+        x = torch.where(mask_r[s:e, None], x, 0.0)
+    return x, y_rn[s:e].to(dtype)
 
 
 def annotated_chunks(a_r: Tensor, rows_per_chunk: int) -> list[tuple[int, int]]:
