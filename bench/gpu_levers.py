@@ -14,7 +14,9 @@ under bf16 autocast, backward, ``clip_grad_norm_(12)``, SGD Nesterov (momentum 0
 - ``cuda_graphs``: the compiled part with ``mode="reduce-overhead"`` (CUDA graphs; ``compile_step`` when no
   compile lever is named); CUDA only;
 - ``trivial_loss``: the network with a trivial loss (mean of the full-resolution logits) instead of the
-  objective: baseline minus this row is the loss's cost (no correctness check: another function).
+  objective: baseline minus this row is the loss's cost (no correctness check: another function);
+- ``all_loss_rows``: the loss's voxel pass computes every (sample, class) row and masks the non-annotated
+  ones, as before it learned to skip them (``losses.voxel_sums.VISIT_ALL_ROWS``; compiled rows always do).
 
 Per row: ms/step (CUDA events, warm-up, median), peak memory over the timed steps, TFLOP/s and MFU
 (FLOPs = 3 x forward, 2 per multiply-add, ``count_forward_macs``; peak 989 TFLOP/s dense bf16), and the
@@ -49,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import BF16_PEAK_TFLOPS, timed
 from multitalent.catalog import load_preset
+from multitalent.losses import voxel_sums
 from multitalent.models import build_network, count_forward_macs
 from multitalent.train.step import MultiTalentObjective, StepInputs
 
@@ -61,6 +64,7 @@ LEVERS = (
     "compile_step",
     "cuda_graphs",
     "trivial_loss",
+    "all_loss_rows",
 )
 COMPILED = {"compile_net", "compile_step", "cuda_graphs"}
 DEFAULT_ROWS = (
@@ -70,6 +74,7 @@ DEFAULT_ROWS = (
     "fused_sgd",
     "forloop_sgd",
     "trivial_loss",
+    "all_loss_rows",
     "compile_net",
     "compile_step",
     "compile_step+channels_last+fused_sgd",
@@ -303,6 +308,7 @@ def run_row(a: Arch, name: str, s: Settings, compile_s: dict[str, float]) -> Row
         row.note = "no baseline to check against"
     benchmark_before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = "cudnn_off" not in levers
+    voxel_sums.VISIT_ALL_ROWS = "all_loss_rows" in levers
     try:
         if s.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -351,6 +357,7 @@ def run_row(a: Arch, name: str, s: Settings, compile_s: dict[str, float]) -> Row
         traceback.print_exc(limit=6)
     finally:
         torch.backends.cudnn.benchmark = benchmark_before
+        voxel_sums.VISIT_ALL_ROWS = False
         _cleanup(s.device)
         row.seconds = time.perf_counter() - t_row
     return row

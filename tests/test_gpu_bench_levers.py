@@ -60,6 +60,9 @@ def test_levers_table_on_cpu(levers, capsys):
     compiled = [r for r in rows if r.row.startswith("compile")]
     assert compiled and all("0 graph break(s)" in r.note for r in compiled), [r.note for r in compiled]
     assert "levers table" in out and "the loss's share of the baseline step" in out
+    from multitalent.losses import voxel_sums
+
+    assert voxel_sums.VISIT_ALL_ROWS is False  # the all_loss_rows row restored the default
 
 
 def test_row_names(levers):

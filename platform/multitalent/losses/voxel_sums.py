@@ -17,6 +17,9 @@ from torch import Tensor
 
 # Elements per chunk: 2**25 float32 values = 128 MiB per transient.
 DEFAULT_CHUNK_ELEMENTS = 2**25
+# True: every row is computed and the non-annotated ones masked, as before the annotated-rows-only pass
+# (what torch.compile always does); for benchmarks that compare the two (bench/gpu_levers.py).
+VISIT_ALL_ROWS = False
 
 
 class _VoxelSums(torch.autograd.Function):
@@ -42,7 +45,7 @@ class _VoxelSums(torch.autograd.Function):
         aux = x_rn.new_zeros((n_rows, 4), dtype=compute_dtype)
         # Under torch.compile, reading ``a_r`` on the host would break the graph: visit every row and
         # mask instead (the statistics mask the non-annotated rows' sums; their gradient is 0 either way).
-        masked = torch.compiler.is_compiling()
+        masked = VISIT_ALL_ROWS or torch.compiler.is_compiling()
         chunks = (
             [(s, min(n_rows, s + rows_per_chunk)) for s in range(0, n_rows, rows_per_chunk)]
             if masked
