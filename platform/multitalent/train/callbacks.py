@@ -242,6 +242,9 @@ class Tracking(CallbackBase):
             self.tracker.end(status)
         else:
             self.tracker.flush(force=True)  # an early stop (stop_after_iterations): the run continues later
+        # A store that was slow or unreachable until now has created the run only in this last send: name it
+        # in <run_dir>/mlflow_run_id so the launcher's summary (and the next launch) find it.
+        self._remember_run_id(trainer)
 
 
 def _read_run_id(run_dir: Path) -> str | None:
