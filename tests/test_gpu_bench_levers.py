@@ -25,19 +25,13 @@ def levers():
         sys.path.remove(str(REPO / "bench"))
 
 
+TINY = ["--device=cpu", "--small", "--patch=16,32,32", "--archs=unet", "--warmup=0", "--reps=1"]
+
+
 @pytest.mark.slow
 def test_levers_table_on_cpu(levers, capsys):
     rows = levers.run(
-        [
-            "--device=cpu",
-            "--small",
-            "--patch=16,32,32",
-            "--archs=unet",
-            "--warmup=0",
-            "--reps=1",
-            "--compile-backend=aot_eager",  # dynamo + AOT autograd, no C++ compile
-            "--budget-s=600",
-        ]
+        [*TINY, "--compile-backend=aot_eager", "--budget-s=600"]  # aot_eager: dynamo + AOT autograd, no C++
     )
     out = capsys.readouterr().out
     assert [r.row for r in rows] == list(levers.DEFAULT_ROWS)
@@ -84,17 +78,7 @@ def test_failing_lever_prints_its_error_and_the_table_goes_on(levers, monkeypatc
         return real(a, lever_set, net, opt)
 
     monkeypatch.setattr(levers, "make_step", broken)
-    rows = levers.run(
-        [
-            "--device=cpu",
-            "--small",
-            "--patch=16,32,32",
-            "--archs=unet",
-            "--warmup=0",
-            "--reps=1",
-            "--rows=baseline,channels_last,forloop_sgd",
-        ]
-    )
+    rows = levers.run([*TINY, "--rows=baseline,channels_last,forloop_sgd"])
     by = {r.row: r for r in rows}
     assert by["channels_last"].status == "error: RuntimeError: planted failure"
     assert by["forloop_sgd"].status == "ok" and by["forloop_sgd"].check == "pass"
