@@ -20,6 +20,15 @@ from collections.abc import Callable, Sequence
 Configure = Callable[[argparse.ArgumentParser], None]
 
 
+def overrides_arg(
+    p: argparse.ArgumentParser, *, help_text: str | None = "override a job field, dotted path (repeatable)"
+) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, as every job command takes it."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def _catalog_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="catalog_command", required=True, metavar="{show,list}")
     show_help = "print the datasets and classes (one head each) of a label space"
@@ -50,14 +59,7 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="conversion job YAML (see jobs/convert.yaml)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job field, dotted path (repeatable)",
-    )
+    overrides_arg(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -78,14 +80,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", default=None, help="Ray cluster address (default: local Ray, or the submitted job's)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job field, dotted path (repeatable)",
-    )
+    overrides_arg(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -123,7 +118,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--overwrite", action="store_true", help="allow OUT holding another model's predictions")
     p.add_argument("--job", help="a predict job (jobs/predict.yaml): cohorts on Ray; flags override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    overrides_arg(p, help_text=None)
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -139,7 +134,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlflow", metavar="RUN_ID", help="log the metrics and tables to this MLflow run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for --mlflow")
     p.add_argument("--job", help="an evaluate job (jobs/evaluate.yaml); flags override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    overrides_arg(p, help_text=None)
 
 
 # name -> (help, argument setup, "module:function" taking the parsed namespace, returning exit code)

@@ -560,7 +560,7 @@ class Demo:
 
 # ------------------------------------------------------------------------------------------- helpers
 def _duration(seconds: float) -> str:
-    from multitalent.demo.report import duration
+    from multitalent.train.progress import duration
 
     return duration(seconds)
 

@@ -17,16 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from multitalent.catalog import Catalog
-
-
-def duration(seconds: float) -> str:
-    """``1h02m``, ``3m05s``, ``42s``."""
-    s = round(max(seconds, 0.0))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
+from multitalent.train.progress import duration
 
 
 class TrainingBar:

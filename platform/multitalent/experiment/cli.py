@@ -10,16 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from multitalent.cli import overrides_arg
+
 
 def experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="experiment job YAML (see jobs/experiment.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job field, dotted path (repeatable), e.g. --set budget.iterations=80",
+    overrides_arg(
+        p, help_text="override a job field, dotted path (repeatable), e.g. --set budget.iterations=80"
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(

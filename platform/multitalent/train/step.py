@@ -57,14 +57,18 @@ class MultiTalentObjective(nn.Module):
     def forward(
         self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
     ) -> tuple[Tensor, dict]:
-        outputs = net(inputs.image_bczyx)
-        levels = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
-        # bf16 logits (DeepSpeed bf16 engines) would lose the loss's small Dice/BCE differences.
-        levels = [o.float() for o in levels]
-        labels = downsample_labels(inputs.label_bzyx, [o.shape[2:] for o in levels])
+        levels, labels = _levels_and_labels(net, inputs)
         lut = self.region_lut
         targets = [targets_from_labels(lab, inputs.dataset_idx_b, lut) for lab in labels]
         return self.loss(levels, targets, inputs.annotated_bk, reduce=reduce)
+
+
+def _levels_and_labels(net: nn.Module, inputs: StepInputs) -> tuple[list[Tensor], list[Tensor]]:
+    """The network's output levels as float32 (bf16 logits of DeepSpeed bf16 engines would lose the loss's
+    small Dice/BCE differences) and the raw label map downsampled to each level's shape."""
+    outputs = net(inputs.image_bczyx)
+    levels = [o.float() for o in (outputs if isinstance(outputs, list | tuple) else [outputs])]
+    return levels, downsample_labels(inputs.label_bzyx, [o.shape[2:] for o in levels])
 
 
 class MergedSoftmaxObjective(nn.Module):
@@ -86,10 +90,7 @@ class MergedSoftmaxObjective(nn.Module):
     def forward(
         self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
     ) -> tuple[Tensor, dict]:
-        outputs = net(inputs.image_bczyx)
-        levels = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
-        levels = [o.float() for o in levels]
-        labels = downsample_labels(inputs.label_bzyx, [o.shape[2:] for o in levels])
+        levels, labels = _levels_and_labels(net, inputs)
         targets = [merged_targets_from_labels(lab, inputs.dataset_idx_b, self.lut_dv) for lab in labels]
         return self.loss(levels, targets, inputs.annotated_bk, reduce=reduce)
 
