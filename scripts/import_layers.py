@@ -41,9 +41,10 @@ ROOT_GROUP = "__init__"
 LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     (
         "foundation",
-        (ROOT_GROUP, "jobs", "catalog", "arrays", "metric_names", "overlay", "storage"),
-        "pure data, job-file loading, array conversion, metric names, the overlay renderer and local or "
-        "object-storage locations that every stage uses; import nothing of multitalent beyond this layer",
+        (ROOT_GROUP, "jobs", "catalog", "arrays", "metric_names", "overlay", "storage", "provenance"),
+        "pure data, job-file loading, array conversion, metric names, the overlay renderer, local or "
+        "object-storage locations and the code's commit that every stage uses; import nothing of "
+        "multitalent beyond this layer",
     ),
     ("rawio", ("rawio",), "raw data enters here: the catalog says where each dataset's files are"),
     ("preprocess", ("preprocess",), "turns a loaded raw case into the plan's grid and intensity range"),

@@ -19,13 +19,13 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from multitalent.experiment.plan import ExperimentPlan, RunSpec
+from multitalent.provenance import git_commit
 
 ARM_TITLES = {"multitalent": "MultiTalent", "naive_merge": "naive merge", "single": "one model per dataset"}
 
@@ -206,20 +206,6 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU(s) {model or platform.machine()}, {platform.system()}, torch {version}"
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def build_report(plan: ExperimentPlan) -> dict[str, Any]:
     job = plan.job
     arms: dict[str, Any] = {}
@@ -243,7 +229,7 @@ def build_report(plan: ExperimentPlan) -> dict[str, Any]:
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(short=True),
         "out": str(plan.layout.out),
         "job": job.model_dump(),
         "steps_done": len(done),

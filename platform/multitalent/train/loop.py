@@ -23,7 +23,6 @@ skipped by all (no backward, no optimizer step), counted, and the data moves on.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import secrets
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from multitalent.provenance import git_commit
 from multitalent.train.batches import AugmentPlan, step_generator
 from multitalent.train.cadence import Cadence
 from multitalent.train.checkpoint import (
@@ -435,25 +435,8 @@ class Trainer:
             "parent": init.parent if init is not None and init.package is not None else None,
             "tracking_uri": tracking_uri(self.job),
             "run_name": self.job.run.name,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         }
-
-
-@functools.cache
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _augment(inputs: StepInputs, plan: AugmentPlan, generator: torch.Generator) -> StepInputs:
