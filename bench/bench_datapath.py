@@ -4,7 +4,9 @@ Ours: ``ZarrPatchSource`` (chunk-aware reads from per-case Zarr stores, sampling
 foreground) + augmentation on the CPU (torch, one thread), two ways: the trainer's loader
 (``StepBatches``: the batch's augmentation parameters are drawn first and only the rotated or scaled
 samples, ~36 %, read the enlarged patch) and the former path (every sample read enlarged, then
-``augment_batch``).
+``augment_batch``). With augmentation on the GPU (the jobs' default), the loader's share alone: the
+trainer's loader draws the parameters and reads accordingly (``DrawnBatch``), against reading every
+sample enlarged.
 Peer: nnU-Net v2's own path on the same preprocessed cases: ``nnUNetDataLoader`` over
 ``nnUNetDatasetBlosc2`` (its on-disk format, chunked for the patch by its own rule) with the
 transforms ``nnUNetTrainer.get_training_transforms`` builds (deep supervision off), one process.
@@ -193,18 +195,27 @@ def main() -> None:
         ):  # the trainer's loader path: parameters first, enlarged reads only if needed
             step_batches.batch_at(next(iteration))
 
-        def ours_read() -> None:  # the CPU's share when augmentation runs on the GPU in the step
+        device_plan = AugmentPlan(config, PATCH, read, in_loader=False)
+        drawn_batches = StepBatches(source, start=0, stop=10**9, augment=device_plan)
+
+        def ours_read_first() -> None:  # the CPU's share when augmentation runs on the GPU in the step
+            drawn_batches.batch_at(next(iteration))
+
+        def ours_read() -> None:  # the same before the parameters were drawn in the loader: all enlarged
             next(ours_iter)
 
         def nnunet() -> None:
             theirs.generate_train_batch()
 
-        timed = {name: [0.0, 0.0] for name in ("ours_first", "ours", "ours_read", "nnunet")}
+        timed = {
+            name: [0.0, 0.0] for name in ("ours_first", "ours", "ours_read_first", "ours_read", "nnunet")
+        }
         ours(), ours_first(), nnunet()  # warm-up
         for _ in range(args.rounds):
             pipelines = (
                 ("ours_first", ours_first),
                 ("ours", ours),
+                ("ours_read_first", ours_read_first),
                 ("ours_read", ours_read),
                 ("nnunet", nnunet),
             )
@@ -225,7 +236,8 @@ def main() -> None:
     names = {
         "ours_first": "ours: draw augmentation, read + sample + augment (CPU; the trainer's loader)",
         "ours": "ours: read enlarged + sample + augment (CPU)",
-        "ours_read": "ours: read + sample (augment on GPU)",
+        "ours_read_first": "ours: draw augmentation, read + sample (augment on GPU; the trainer's loader)",
+        "ours_read": "ours: read enlarged + sample (augment on GPU)",
         "nnunet": "nnU-Net v2: loader + transforms",
     }
     for name, (wall, cpu_s) in timed.items():

@@ -320,6 +320,28 @@ def test_intensity_stats_from_known_samples():
         IntensityStats.from_samples([np.zeros(0)])
 
 
+@pytest.mark.parametrize(
+    "norm",
+    [
+        Normalization.multitalent(),
+        Normalization(clip=(-1000.37, 1234.9), mean=12.345, std=301.7, source="collection"),
+        Normalization(clip=(-32768.0, 32767.0), mean=-3.0, std=1e4),
+    ],
+    ids=["multitalent", "fractional-clip", "int16-range"],
+)
+def test_normalising_int16_on_the_device_equals_the_loaders_normalisation(norm):
+    """Every int16 value: ``apply_torch`` (the GPU's share of an int16 patch) equals ``apply`` bit for bit,
+    and the int16 padding normalises to air exactly."""
+    import torch
+
+    hu = np.arange(-32768, 32768, dtype=np.int64).astype(np.int16)
+    want = norm.apply(hu)
+    got = norm.apply_torch(torch.from_numpy(hu))
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want)
+    assert norm.hu_pad <= norm.clip[0] and norm.hu_pad >= -32768
+    assert norm.apply_torch(torch.tensor([norm.hu_pad], dtype=torch.int16)).item() == norm.air
+
+
 def test_foreground_intensity_sample_draws_only_foreground():
     image = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
     label = np.zeros(image.shape, dtype=np.uint8)

@@ -3,6 +3,7 @@ training batches are reproducible per iteration (the basis of exact resume)."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from multitalent.data.augment import sample_params
+from multitalent.data.batch import DrawnBatch, collate
 from multitalent.train import dry_run, load_train_job
 from multitalent.train.batches import (
     AugmentPlan,
@@ -162,17 +163,39 @@ def test_the_batch_of_an_iteration_depends_only_on_seed_rank_and_iteration(tiny)
     assert tuple(first[0].image_bczyx.shape) == (2, 1, 16, 32, 32)  # augmented down to the patch
     other_rank = StepBatches(_source(tiny, 1, plan), start=0, stop=1, augment=plan).batch_at(0)
     assert not torch.equal(other_rank.image_bczyx, first[0].image_bczyx)
-    # Augmentation in the step (on the device) with the iteration's generator gives the loader's result,
-    # although the loader read the enlarged patch only for the rotated or scaled samples.
-    raw = AugmentPlan.make(enabled=True, where="device", patch_zyx=[16, 32, 32])
-    unaugmented = StepBatches(_source(tiny, 0, raw), start=0, stop=4, augment=raw)
+    # Augmentation in the step (on the device): the loader draws the parameters and reads the enlarged
+    # patch only for the rotated or scaled samples, as for augmentation in the loader; applied in the step,
+    # the result is the loader's, and that of reading every sample enlarged and augmenting with the
+    # iteration's generator (the WebDataset path).
+    in_step = AugmentPlan.make(enabled=True, where="device", patch_zyx=[16, 32, 32])
+    assert in_step.config is not None
+    drawn_batches = StepBatches(_source(tiny, 0, in_step), start=0, stop=4, augment=in_step)
     wide = []
     for i in range(4):
-        in_step = raw.apply(unaugmented.batch_at(i), step_generator(0, 0, i))
-        torch.testing.assert_close(in_step.image_bczyx, first[i].image_bczyx, rtol=0, atol=0)
-        assert torch.equal(in_step.label_bzyx, first[i].label_bzyx)
-        assert plan.config is not None
-        wide += sample_params(plan.config, 2, step_generator(0, 0, i)).reads_beyond_patch_b.tolist()
+        drawn = drawn_batches.batch_at(i)
+        assert isinstance(drawn, DrawnBatch) and drawn.keys == first[i].keys
+        for group, shape in ((drawn.wide, in_step.read_zyx), (drawn.narrow, in_step.patch_zyx)):
+            # int16 HU, normalised where the batch is augmented (on the device in training)
+            assert group is None or (
+                tuple(group.image_bczyx.shape[2:]) == shape and group.image_bczyx.dtype == torch.int16
+            )
+        out = drawn.augment(in_step.config, in_step.patch_zyx)
+        with pytest.raises(ValueError, match="without a normalization"):
+            dataclasses.replace(drawn, normalization=None).augment(in_step.config, in_step.patch_zyx)
+        torch.testing.assert_close(out.image_bczyx, first[i].image_bczyx, rtol=0, atol=0)
+        assert torch.equal(out.label_bzyx, first[i].label_bzyx)
+        src = _source(tiny, 0, in_step)
+        src.set_epoch(i)
+        draws = src.draws(worker=0, num_workers=1)
+        picks = [next(draws) for _ in range(2)]
+        enlarged = collate(
+            [src.read_sample(d.case, d.center_zyx, fg_class=d.fg_class) for d in picks],
+            annotated_dk=src.annotated_dk,
+        )
+        all_wide = in_step.apply(enlarged, step_generator(0, 0, i))
+        torch.testing.assert_close(all_wide.image_bczyx, first[i].image_bczyx, rtol=0, atol=0)
+        assert torch.equal(all_wide.label_bzyx, first[i].label_bzyx)
+        wide += drawn.params.reads_beyond_patch_b.tolist()
     assert any(wide) and not all(wide)  # both reads happened in these 4 batches
 
 

@@ -104,21 +104,28 @@ def extract_patch(
     center_zyx: Sequence[int],
     patch_zyx: Sequence[int],
     normalization: Normalization,
+    *,
+    normalize: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(image_czyx float32 normalised, label_zyx uint8)`` of one patch of a stored case.
 
     Works on numpy and zarr arrays alike. The image is padded with air (the lower clip value,
     normalised): the converter crops cases to the body, so what lies outside a stored case is air, not
     the collection's mean intensity (nnU-Net's 0 after normalisation). The label is padded with 0.
+    ``normalize=False``: the image stays int16 HU, padded with ``normalization.hu_pad`` (air once
+    normalised), for normalising where the batch lands (:meth:`Normalization.apply_torch`).
     """
-    image = read_patch(
-        image_zyx,
-        center_zyx,
-        patch_zyx,
-        pad_value=normalization.air,
-        dtype=np.float32,
-        transform=normalization.apply,
-    )
+    if normalize:
+        image = read_patch(
+            image_zyx,
+            center_zyx,
+            patch_zyx,
+            pad_value=normalization.air,
+            dtype=np.float32,
+            transform=normalization.apply,
+        )
+    else:
+        image = read_patch(image_zyx, center_zyx, patch_zyx, pad_value=normalization.hu_pad, dtype=np.int16)
     label = read_patch(label_zyx, center_zyx, patch_zyx, pad_value=0, dtype=np.uint8)
     return image[None], label
 
@@ -268,15 +275,18 @@ class ZarrPatchSource(IterableDataset):
         *,
         fg_class: int = -1,
         patch_zyx: Sequence[int] | None = None,
+        normalize: bool = True,
     ) -> PatchSample:
         """The patch of training case ``i`` centred at ``center_zyx``, of the source's patch size or
         ``patch_zyx`` (a loader that drew the augmentation first reads less for the samples that are
-        neither rotated nor scaled)."""
+        neither rotated nor scaled); ``normalize=False`` keeps the image int16 HU (see
+        :func:`extract_patch`)."""
         case = self.open_case(i)
         size = self.patch_zyx if patch_zyx is None else tuple(int(p) for p in patch_zyx)
+        norm = self.normalization
         image, label = self._retrying(
             self.paths[i],
-            lambda: extract_patch(case.image, case.label, center_zyx, size, self.normalization),
+            lambda: extract_patch(case.image, case.label, center_zyx, size, norm, normalize=normalize),
         )
         z, y, x = (int(c) for c in center_zyx)
         return PatchSample(

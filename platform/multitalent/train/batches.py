@@ -20,14 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from multitalent.data.augment import (
-    AugmentConfig,
-    augment_batch,
-    augment_split,
-    read_shape_zyx,
-    sample_params,
-)
-from multitalent.data.batch import Batch, collate
+from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx, sample_params
+from multitalent.data.batch import Batch, DrawnBatch, collate
 from multitalent.data.laterality import laterality_config
 from multitalent.data.sources import PatchDraw
 
@@ -76,7 +70,12 @@ class AugmentPlan:
         config = laterality_config(config or AugmentConfig(), laterality, catalog)
         return cls(config, (z, y, x), read_shape_zyx((z, y, x), config), where == "loader", laterality)
 
-    def apply(self, batch: Batch, generator: torch.Generator) -> Batch:
+    def apply(self, batch: Batch | DrawnBatch, generator: torch.Generator) -> Batch:
+        """The augmented batch: a :class:`DrawnBatch` with its own parameters (``generator`` unused), a
+        :class:`Batch` read enlarged with parameters drawn from ``generator``."""
+        if isinstance(batch, DrawnBatch):
+            assert self.config is not None  # only augmenting plans draw
+            return batch.augment(self.config, self.patch_zyx)
         if self.config is None:
             return batch
         image, label = augment_batch(
@@ -91,7 +90,8 @@ class AugmentPlan:
 
 
 class StepBatches(IterableDataset):
-    """``(iteration, Batch)`` for iterations ``[start, stop)`` of one rank from a ``ZarrPatchSource``.
+    """``(iteration, batch)`` for iterations ``[start, stop)`` of one rank from a ``ZarrPatchSource`` (see
+    :meth:`batch_at`).
 
     Loader worker ``w`` of ``n`` makes iterations ``start + w, start + w + n, ...``; torch's DataLoader
     collects its workers in turn, so the output is in iteration order.
@@ -101,46 +101,49 @@ class StepBatches(IterableDataset):
         super().__init__()
         self.source, self.start, self.stop, self.augment = source, int(start), int(stop), augment
 
-    def batch_at(self, iteration: int) -> Batch:
+    def batch_at(self, iteration: int) -> Batch | DrawnBatch:
+        """Iteration ``iteration``'s batch: augmented when augmentation runs in the loader; a
+        :class:`DrawnBatch` (parameters drawn, not applied) when it runs in the step on the device."""
         src = self.source
         src.set_epoch(iteration)  # the data stream of this iteration: stream_rngs(seed, rank, 0, epoch=i)
         draws = src.draws(worker=0, num_workers=1)
         picks = [next(draws) for _ in range(src.batch_size)]
-        if self.augment.in_loader and self.augment.config is not None:
-            return self._augmented(picks, step_generator(src.seed, src.rank, iteration))
-        samples = [src.read_sample(d.case, d.center_zyx, fg_class=d.fg_class) for d in picks]
-        return collate(samples, annotated_dk=src.annotated_dk)
+        config = self.augment.config
+        if config is None:
+            samples = [src.read_sample(d.case, d.center_zyx, fg_class=d.fg_class) for d in picks]
+            return collate(samples, annotated_dk=src.annotated_dk)
+        drawn = self._drawn(picks, step_generator(src.seed, src.rank, iteration))
+        return drawn.augment(config, self.augment.patch_zyx) if self.augment.in_loader else drawn
 
-    def _augmented(self, picks: list[PatchDraw], generator: torch.Generator) -> Batch:
-        """Augmentation in the loader, parameters first: only the rotated or scaled samples read the
-        enlarged patch (``read_zyx``); the others (about 2/3 under the defaults) read the output patch,
-        5.7x fewer voxels at the paper's patch. The same batch as reading every sample enlarged and
-        then augmenting (:func:`multitalent.data.augment.augment_split`)."""
+    def _drawn(self, picks: list[PatchDraw], generator: torch.Generator) -> DrawnBatch:
+        """Parameters first: only the rotated or scaled samples read the enlarged patch (``read_zyx``);
+        the others (about 2/3 under the defaults) read the output patch, 5.7x fewer voxels at the
+        paper's patch. Augmenting the result equals reading every sample enlarged and then augmenting
+        (:func:`multitalent.data.augment.augment_split`)."""
         src, plan = self.source, self.augment
         assert plan.config is not None
         params = sample_params(plan.config, len(picks), generator, n_channels=1)
         wide_b = params.reads_beyond_patch_b.tolist()
         samples = [
             src.read_sample(
-                d.case, d.center_zyx, fg_class=d.fg_class, patch_zyx=plan.read_zyx if wide else plan.patch_zyx
+                d.case,
+                d.center_zyx,
+                fg_class=d.fg_class,
+                patch_zyx=plan.read_zyx if wide else plan.patch_zyx,
+                normalize=False,  # int16 HU: normalised where the batch is augmented (half the bytes)
             )
             for d, wide in zip(picks, wide_b)
         ]
         groups = [[s for s, w in zip(samples, wide_b) if w == want] for want in (True, False)]
         wide, narrow = (collate(g, annotated_dk=src.annotated_dk) if g else None for g in groups)
         dataset_idx = np.array([s.dataset_idx for s in samples], dtype=np.int64)
-        image, label = augment_split(
-            None if wide is None else (wide.image_bczyx, wide.label_bzyx),
-            None if narrow is None else (narrow.image_bczyx, narrow.label_bzyx),
-            params,
-            config=plan.config,
-            out_shape_zyx=plan.patch_zyx,
-            dataset_idx_b=torch.from_numpy(dataset_idx),
-        )
         annotated_bk = torch.from_numpy(np.ascontiguousarray(src.annotated_dk[dataset_idx]))
-        return Batch(image, label, torch.from_numpy(dataset_idx), annotated_bk, [s.key for s in samples])
+        keys = [s.key for s in samples]
+        return DrawnBatch(
+            wide, narrow, params, torch.from_numpy(dataset_idx), annotated_bk, keys, src.normalization
+        )
 
-    def __iter__(self) -> Iterator[tuple[int, Batch]]:
+    def __iter__(self) -> Iterator[tuple[int, Batch | DrawnBatch]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for i in range(self.start + worker, self.stop, workers):
@@ -154,7 +157,7 @@ def _first(item: Any) -> Any:
 
 def zarr_batches(
     source: Any, *, start: int, stop: int, augment: AugmentPlan, loader_workers: int
-) -> Iterator[tuple[int, Batch]]:
+) -> Iterator[tuple[int, Batch | DrawnBatch]]:
     """Iterations ``[start, stop)`` of one rank, read by ``loader_workers`` processes (0: inline)."""
     dataset = StepBatches(source, start=start, stop=stop, augment=augment)
     if loader_workers == 0:

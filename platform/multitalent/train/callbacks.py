@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from multitalent.data.batch import DrawnBatch
 from multitalent.train.checkpoint import RUN_ID_FILE
 
 if TYPE_CHECKING:
@@ -396,7 +397,13 @@ class FaultInjection(CallbackBase):
 
     def on_step_start(self, trainer: Trainer, iteration: int, batch: Any) -> None:
         if iteration in self.nan_input_at and trainer.rank == 0:
-            batch.image_bczyx.fill_(float("nan"))
+            groups = (
+                [g for g in (batch.wide, batch.narrow) if g is not None]
+                if isinstance(batch, DrawnBatch)
+                else [batch]
+            )
+            for g in groups:  # float NaN in place of int16 HU too (DrawnBatch normalises int16 only)
+                g.image_bczyx = torch.full(g.image_bczyx.shape, float("nan"))
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         if self.sleep_per_iteration_s:

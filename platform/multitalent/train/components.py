@@ -469,7 +469,8 @@ class RunParts:
     def batches(
         self, start: int, stop: int, *, loader_workers: int | None = None
     ) -> Iterator[tuple[int, Any]]:
-        """``(iteration, Batch)`` for iterations ``[start, stop)`` of this rank, from the job's source."""
+        """``(iteration, batch)`` for iterations ``[start, stop)`` of this rank, from the job's source: a
+        ``Batch``, or a ``DrawnBatch`` when augmentation runs in the step (``StepBatches.batch_at``)."""
         from multitalent.train.batches import webdataset_batches, zarr_batches
 
         if self.setup is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from multitalent.data.batch import DrawnBatch
 from multitalent.jobs import require_absolute_in_submitted_job
 from multitalent.train.checkpoint import (
     RUN_ID_FILE,
@@ -324,7 +325,7 @@ class DryRunReport:
     lines: list[str]
     warnings: list[str]
     deepspeed_config: dict[str, Any]
-    batch_shape: tuple[int, ...] | None
+    batch_shape: tuple[int, ...] | None  # the network's input (B, C, *patch), after any augmentation
     errors: list[str] = field(default_factory=list)
 
     def text(self) -> str:
@@ -384,9 +385,17 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
             f"spacing {parts.spacing_zyx_mm} mm"
         )
         _, batch = next(iter(parts.batches(0, 1, loader_workers=0)))
-        batch_shape = tuple(batch.image_bczyx.shape)
+        if isinstance(batch, DrawnBatch):  # augmented in the step: groups read enlarged / at the patch
+            groups = {"enlarged": batch.wide, "at the patch": batch.narrow}
+            shapes = {k: tuple(g.image_bczyx.shape) for k, g in groups.items() if g is not None}
+            image = "; ".join(f"{shape} {k}" for k, shape in shapes.items())
+        else:
+            shapes = {"": tuple(batch.image_bczyx.shape)}
+            image = f"{shapes['']}"
+        channels = next(iter(shapes.values()))[1]
+        batch_shape = (len(batch), channels, *augment.patch_zyx)  # what the network receives
         lines.append(
-            f"batch (rank 0, iteration 0): image {batch_shape}, read {augment.read_zyx}, "
+            f"batch (rank 0, iteration 0): image {image}, read {augment.read_zyx}, "
             f"keys {batch.keys}, from {job.shards.source}"
         )
     n_params = sum(p.numel() for p in parts.model.parameters())

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from multitalent.data.batch import DrawnBatch
 from multitalent.provenance import git_commit
 from multitalent.train.batches import AugmentPlan, step_generator
 from multitalent.train.cadence import Cadence
@@ -346,8 +347,12 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.schedule.apply(self.engine.optimizer, iteration)
         batch = batch.to(self.device)
+        drawn = isinstance(batch, DrawnBatch)
+        if drawn:  # Zarr: the loader drew the parameters and read accordingly; applied here, on the device
+            assert self.augment.config is not None
+            batch = batch.augment(self.augment.config, self.augment.patch_zyx)
         inputs = StepInputs(batch.image_bczyx, batch.label_bzyx, batch.dataset_idx_b, batch.annotated_bk)
-        if self.augment.config is not None and not self.augment.in_loader:
+        if self.augment.config is not None and not self.augment.in_loader and not drawn:  # WebDataset
             inputs = _augment(inputs, self.augment, step_generator(self.job.run.seed, self.rank, iteration))
         inputs.image_bczyx = inputs.image_bczyx.to(self.dtype)
         loss, _ = self.objective(self.engine, inputs, reduce=self.reduce)
