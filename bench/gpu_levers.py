@@ -16,7 +16,10 @@ under bf16 autocast, backward, ``clip_grad_norm_(12)``, SGD Nesterov (momentum 0
 - ``trivial_loss``: the network with a trivial loss (mean of the full-resolution logits) instead of the
   objective: baseline minus this row is the loss's cost (no correctness check: another function);
 - ``all_loss_rows``: the loss's voxel pass computes every (sample, class) row and masks the non-annotated
-  ones, as before it learned to skip them (``losses.voxel_sums.VISIT_ALL_ROWS``; compiled rows always do).
+  ones, as before it learned to skip them (``losses.voxel_sums.VISIT_ALL_ROWS``; compiled rows always do);
+- ``dense_targets``: the objective builds each deep-supervision level's full (B, K, ...) targets before the
+  loss, as before the loss made the annotated rows from the labels itself (``MultiTalentObjective(
+  dense_targets=True)``); ``all_loss_rows+dense_targets`` is the loss as it was before both levers.
 
 Per row: ms/step (CUDA events, warm-up, median), peak memory over the timed steps, TFLOP/s and MFU
 (FLOPs = 3 x forward, 2 per multiply-add, ``count_forward_macs``; peak 989 TFLOP/s dense bf16), and the
@@ -65,6 +68,7 @@ LEVERS = (
     "cuda_graphs",
     "trivial_loss",
     "all_loss_rows",
+    "dense_targets",
 )
 COMPILED = {"compile_net", "compile_step", "cuda_graphs"}
 DEFAULT_ROWS = (
@@ -75,6 +79,8 @@ DEFAULT_ROWS = (
     "forloop_sgd",
     "trivial_loss",
     "all_loss_rows",
+    "dense_targets",
+    "all_loss_rows+dense_targets",
     "compile_net",
     "compile_step",
     "compile_step+channels_last+fused_sgd",
@@ -188,7 +194,8 @@ def make_step(
 ) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """``(forward_backward, full_step)``; ``forward_backward`` returns the loss (detached)."""
     s = a.s
-    objective = MultiTalentObjective(a.catalog, n_levels=a.n_levels).to(s.device)
+    dense = "dense_targets" in levers
+    objective = MultiTalentObjective(a.catalog, n_levels=a.n_levels, dense_targets=dense).to(s.device)
     image = a.image
     if "channels_last" in levers:
         image = image.contiguous(memory_format=torch.channels_last_3d)

@@ -16,6 +16,7 @@ import torch
 from multitalent.catalog import load_preset
 from multitalent.losses import (
     DeepSupervisionLoss,
+    LabelTargets,
     PartialLabelLoss,
     deep_supervision_weights,
     downsample_labels,
@@ -89,6 +90,22 @@ def _case(seed: int, b: int = 2, k: int = 3, spatial=(2, 2, 2)):
     return logits, target, annotated
 
 
+def _as_labels(target: torch.Tensor) -> LabelTargets:
+    """Any binary (B, K, *spatial) target (K <= 8) as :class:`LabelTargets` of one dataset whose raw value
+    ``v`` is the bit mask of the classes present: ``lut[0, v, k] = bit k of v``."""
+    b, k = target.shape[:2]
+    weights = (2 ** torch.arange(k)).reshape(1, k, *[1] * (target.ndim - 2))
+    label = (target.long() * weights).sum(1).to(torch.uint8)
+    lut = ((torch.arange(2**k)[:, None] >> torch.arange(k)[None, :]) & 1).bool()[None]
+    made = LabelTargets.make(label, torch.zeros(b, dtype=torch.long), lut)
+    assert torch.equal(made.dense(), target.bool())
+    return made
+
+
+def _targets(kind: str, target: torch.Tensor):
+    return target if kind == "dense" else _as_labels(target)
+
+
 # ---------------------------------------------------------------------------------------- the loss
 def test_zero_logits_closed_form_value_and_gradient():
     # p = 1/2 everywhere: BCE = ln 2 per voxel; tp = m/2, 2tp + fp + fn = sum p + sum y = n/2 + m, so
@@ -129,29 +146,32 @@ def test_zero_logits_closed_form_value_and_gradient():
     assert torch.all(grad[~annotated] == 0)
 
 
+@pytest.mark.parametrize("targets", ["dense", "labels"])
 @pytest.mark.parametrize("chunk", [2**25, 60])  # 60 elements = 5 of the 12 (b, k) rows: chunks 5, 5, 2
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dice", ["batch", "sample"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_matches_plain_python_formula(seed, dice, reduction, chunk):
+def test_matches_plain_python_formula(seed, dice, reduction, chunk, targets):
     logits, target, annotated = _case(seed, b=3, k=4, spatial=(2, 3, 2))
     fn = PartialLabelLoss(dice=dice, reduction=reduction, chunk_elements=chunk)
-    loss, metrics = fn(logits, target, annotated)
+    loss, metrics = fn(logits, _targets(targets, target), annotated)
     assert loss.dtype == torch.float64
     want = _ref_loss(*_lists(logits, target, annotated), dice=dice, reduction=reduction)
     assert loss.item() == pytest.approx(want, abs=1e-12)
     torch.testing.assert_close(metrics["loss_k"], metrics["bce_k"] - metrics["dice_k"], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("targets", ["dense", "labels"])
 @pytest.mark.parametrize("chunk", [2**25, 16])  # 16 elements = 4 of the 6 (b, k) rows: chunks 4, 2
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dice", ["batch", "sample"])
-def test_gradient_matches_finite_differences(dice, reduction, chunk):
+def test_gradient_matches_finite_differences(dice, reduction, chunk, targets):
     logits, target, annotated = _case(7, b=2, k=3, spatial=(2, 2, 1))
     logits.requires_grad_(True)
     fn = PartialLabelLoss(dice=dice, reduction=reduction, chunk_elements=chunk)
+    t = _targets(targets, target)
     assert torch.autograd.gradcheck(
-        lambda x: fn(x, target, annotated)[0], (logits,), eps=1e-6, atol=1e-8, rtol=1e-6
+        lambda x: fn(x, t, annotated)[0], (logits,), eps=1e-6, atol=1e-8, rtol=1e-6
     )
 
 
@@ -491,6 +511,82 @@ def test_targets_from_labels_with_the_multitalent13_catalog():
         targets_from_labels(label.float(), idx, lut)
     with pytest.raises(ValueError, match="dataset_idx_b shape"):
         targets_from_labels(label, idx[:2], lut)
+
+
+def test_label_targets_make_the_rows_of_targets_from_labels():
+    """Any row range, spanning samples or not, in any dtype, equals the dense targets' rows; the loss and
+    gradient are bit for bit those of the dense targets, with every level of a multi-dataset batch."""
+    cat = load_preset("multitalent13")
+    lut = torch.as_tensor(cat.region_lut())
+    g = torch.Generator().manual_seed(3)
+    datasets = ["01", "13", "07", "07"]
+    idx = torch.tensor([cat.dataset_index(d) for d in datasets])
+    highest = [int(lut[i].any(-1).nonzero().max()) for i in idx.tolist()]
+    label = torch.stack([torch.randint(0, h + 1, (3, 4, 5), generator=g) for h in highest]).to(torch.uint8)
+    dense = targets_from_labels(label, idx, lut)
+    annotated = torch.as_tensor(cat.annotated_mask())[idx]
+    made = LabelTargets.make(label, idx, lut, annotated_r=tuple(annotated.flatten().tolist()))
+    assert made.shape == dense.shape and made.device == dense.device
+    flat = dense.reshape(dense.shape[0] * dense.shape[1], -1)
+    k = cat.num_classes
+    for start, end in [(0, 1), (k - 3, k + 2), (5, 3 * k + 1), (0, 4 * k), (4 * k - 1, 4 * k)]:
+        rows = made.rows(start, end, torch.float32)
+        assert rows.dtype == torch.float32 and torch.equal(rows, flat[start:end].float()), (start, end)
+    assert torch.equal(made.dense(), dense)
+    logits = torch.randn(dense.shape, generator=g)
+    results = []
+    for target in (dense, made):
+        x = logits.clone().requires_grad_(True)
+        loss, _ = PartialLabelLoss(chunk_elements=70)(x, target, annotated)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and g0 is not None and g1 is not None and torch.equal(g0, g1)
+    with pytest.raises(ValueError, match="annotated_r has 3 flags"):
+        LabelTargets.make(label, idx, lut, annotated_r=(True, False, True))
+    with pytest.raises(TypeError, match="LabelTargets: label_bzyx must hold integer"):
+        LabelTargets.make(label.float(), idx, lut)
+    with pytest.raises(ValueError, match=r"target_bkzyx shape .* != logits shape"):
+        PartialLabelLoss()(logits[:, :-1], made, annotated[:, :-1])
+
+
+def test_the_objective_with_label_targets_equals_dense_targets_under_deep_supervision():
+    """The trainer's objective (labels + region table, rows made in the loss, flags read once) against
+    the former path (every level's dense targets built first): the same loss and gradients, bit for bit,
+    and under torch.compile (fullgraph) within float tolerance."""
+    from multitalent.models import build_network
+    from multitalent.train.step import MultiTalentObjective, StepInputs
+
+    cat = load_preset("multitalent13")
+    torch.manual_seed(0)
+    net = build_network("unet", cat.classes_per_dataset(), size="tiny", patch_size_zyx=(16, 32, 32))
+    g = torch.Generator().manual_seed(4)
+    idx = torch.tensor([cat.dataset_index("01"), cat.dataset_index("07")])
+    inputs = StepInputs(
+        torch.randn(2, 1, 16, 32, 32, generator=g),
+        torch.randint(0, 3, (2, 16, 32, 32), generator=g, dtype=torch.uint8),
+        idx,
+        torch.as_tensor(cat.annotated_mask())[idx],
+    )
+    n_levels = int(net.ds_levels)
+    assert n_levels > 1
+    results = []
+    for dense in (True, False):
+        net.zero_grad(set_to_none=True)
+        loss, _ = MultiTalentObjective(cat, n_levels=n_levels, dense_targets=dense)(net, inputs)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+    (l_dense, g_dense), (l_rows, g_rows) = results
+    assert torch.equal(l_dense, l_rows) and len(g_dense) == len(g_rows) > 0
+    assert all(torch.equal(a, b) for a, b in zip(g_dense, g_rows))
+    objective = MultiTalentObjective(cat, n_levels=n_levels)
+    compiled = torch.compile(lambda: objective(net, inputs)[0], backend="aot_eager", fullgraph=True)
+    net.zero_grad(set_to_none=True)
+    loss = compiled()
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), l_rows)
+    for p, want in zip([p for p in net.parameters() if p.grad is not None], g_rows):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------- global batch Dice on 2 ranks

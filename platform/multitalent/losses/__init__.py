@@ -12,12 +12,14 @@ from multitalent.losses.deep_supervision import (
     downsample_targets,
 )
 from multitalent.losses.distributed import all_reduce_sum
+from multitalent.losses.label_targets import LabelTargets
 from multitalent.losses.merged_softmax import MergedSoftmaxLoss, merged_targets_from_labels
 from multitalent.losses.partial_label import PartialLabelLoss
 from multitalent.losses.targets import targets_from_labels
 
 __all__ = [
     "DeepSupervisionLoss",
+    "LabelTargets",
     "MergedSoftmaxLoss",
     "PartialLabelLoss",
     "all_reduce_sum",

@@ -49,6 +49,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from multitalent.losses.label_targets import LabelTargets
 from multitalent.losses.voxel_sums import DEFAULT_CHUNK_ELEMENTS, voxel_sums
 
 Reduce = Callable[[Tensor], Tensor]
@@ -84,7 +85,8 @@ class PartialLabelLoss(nn.Module):
       are upcast to float32; float64 stays float64.
     - ``target_bkzyx``: same shape, values in {0, 1}; bool, uint8 or floating (see
       :func:`multitalent.losses.targets_from_labels`). Values are not checked (that would need a host
-      sync).
+      sync). Or :class:`~multitalent.losses.LabelTargets` of that shape: the same values, made row by row
+      for the annotated rows only (the trainer's objective).
     - ``annotated_bk``: bool (B, K), ``catalog.annotated_mask()[dataset_idx_b]``.
     - ``reduce``: applied once to the stacked per-class statistics ``(len(_ROWS), K)`` before any ratio.
       ``None`` (one process) is the identity. Under data parallelism pass a *differentiable* all-reduce
@@ -140,7 +142,7 @@ class PartialLabelLoss(nn.Module):
     def forward(
         self,
         logits_bkzyx: Tensor,
-        target_bkzyx: Tensor,
+        target_bkzyx: Tensor | LabelTargets,
         annotated_bk: Tensor,
         *,
         reduce: Reduce | None = None,
@@ -158,7 +160,9 @@ class PartialLabelLoss(nn.Module):
             stats_rk = reduced
         return self.loss_from_statistics(stats_rk)
 
-    def statistics(self, logits_bkzyx: Tensor, target_bkzyx: Tensor, annotated_bk: Tensor) -> Tensor:
+    def statistics(
+        self, logits_bkzyx: Tensor, target_bkzyx: Tensor | LabelTargets, annotated_bk: Tensor
+    ) -> Tensor:
         """Per-class sums over the local batch, ``(len(_ROWS), K)``, differentiable in rows tp..dice."""
         sums_bk3, aux_bk4 = voxel_sums(
             logits_bkzyx,
@@ -229,10 +233,10 @@ class PartialLabelLoss(nn.Module):
         return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-def _validate(logits: Tensor, target: Tensor, annotated: Tensor) -> None:
+def _validate(logits: Tensor, target: Tensor | LabelTargets, annotated: Tensor) -> None:
     where = "PartialLabelLoss"
     for name, t in (("logits_bkzyx", logits), ("target_bkzyx", target), ("annotated_bk", annotated)):
-        if not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) and not (name == "target_bkzyx" and isinstance(t, LabelTargets)):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not logits.is_floating_point():
         raise TypeError(f"{where}: logits_bkzyx must be floating point, got {logits.dtype}")
@@ -243,13 +247,13 @@ def _validate(logits: Tensor, target: Tensor, annotated: Tensor) -> None:
     if target.shape != logits.shape:
         hint = (
             " (a raw label map? build targets with multitalent.losses.targets_from_labels)"
-            if target.ndim == logits.ndim - 1
+            if len(target.shape) == logits.ndim - 1
             else ""
         )
         raise ValueError(
             f"{where}: target_bkzyx shape {tuple(target.shape)} != logits shape {tuple(logits.shape)}{hint}"
         )
-    if not (target.dtype in _TARGET_DTYPES or target.is_floating_point()):
+    if isinstance(target, Tensor) and not (target.dtype in _TARGET_DTYPES or target.is_floating_point()):
         raise TypeError(
             f"{where}: target_bkzyx must be bool, uint8 or floating (binary per-class targets), "
             f"got {target.dtype}; raw label maps go through multitalent.losses.targets_from_labels"

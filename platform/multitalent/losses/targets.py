@@ -28,7 +28,20 @@ def targets_from_labels(
         checked here (that needs a host sync): the loaders validate labels against the catalog, and on
         the CPU ``torch.gather`` raises for them.
     """
-    where = "targets_from_labels"
+    lut = check_label_inputs(label_bzyx, dataset_idx_b, region_lut_dvk, where="targets_from_labels")
+    b = label_bzyx.shape[0]
+    spatial = label_bzyx.shape[1:]
+    k = lut.shape[2]
+    lut_bkv = lut[dataset_idx_b.to(device=lut.device, dtype=torch.long)].transpose(1, 2)  # (B, K, V), tiny
+    index = label_bzyx.reshape(b, 1, -1).to(torch.long).expand(b, k, -1)
+    return torch.gather(lut_bkv, 2, index).reshape(b, k, *spatial)
+
+
+def check_label_inputs(
+    label_bzyx: Tensor, dataset_idx_b: Tensor, region_lut_dvk: Tensor | np.ndarray, *, where: str
+) -> Tensor:
+    """The region table as a bool tensor on the labels' device, after checking the three inputs' dtypes
+    and shapes (``ValueError``/``TypeError`` naming ``where``)."""
     lut = torch.as_tensor(region_lut_dvk, device=label_bzyx.device)
     if lut.ndim != 3:
         raise ValueError(
@@ -45,8 +58,4 @@ def targets_from_labels(
     b = label_bzyx.shape[0]
     if tuple(dataset_idx_b.shape) != (b,):
         raise ValueError(f"{where}: dataset_idx_b shape {tuple(dataset_idx_b.shape)} != (B,) = ({b},)")
-    spatial = label_bzyx.shape[1:]
-    k = lut.shape[2]
-    lut_bkv = lut[dataset_idx_b.to(device=lut.device, dtype=torch.long)].transpose(1, 2)  # (B, K, V), tiny
-    index = label_bzyx.reshape(b, 1, -1).to(torch.long).expand(b, k, -1)
-    return torch.gather(lut_bkv, 2, index).reshape(b, k, *spatial)
+    return lut

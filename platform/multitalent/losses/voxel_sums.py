@@ -9,17 +9,40 @@ logits-sized gradient plus small chunks.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from multitalent.losses.label_targets import LabelTargets
 
 # Elements per chunk: 2**25 float32 values = 128 MiB per transient.
 DEFAULT_CHUNK_ELEMENTS = 2**25
 # True: every row is computed and the non-annotated ones masked, as before the annotated-rows-only pass
 # (what torch.compile always does); for benchmarks that compare the two (bench/gpu_levers.py).
 VISIT_ALL_ROWS = False
+
+
+class TargetRows(Protocol):
+    """The flattened ``(B*K, N)`` targets, row ranges on demand (:class:`LabelTargets`, or a dense
+    tensor); ``annotated_r``: the annotated flags on the host, when the caller has them."""
+
+    @property
+    def annotated_r(self) -> tuple[bool, ...] | None: ...
+
+    def rows(self, start: int, end: int, dtype: torch.dtype) -> Tensor: ...
+
+
+class _DenseRows:
+    annotated_r: tuple[bool, ...] | None = None
+
+    def __init__(self, y_rn: Tensor) -> None:
+        self.y_rn = y_rn
+
+    def rows(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        return self.y_rn[start:end].to(dtype)
 
 
 class _VoxelSums(torch.autograd.Function):
@@ -34,7 +57,7 @@ class _VoxelSums(torch.autograd.Function):
     def forward(
         ctx: Any,
         x_rn: Tensor,
-        y_rn: Tensor,
+        y_rn: TargetRows,
         a_r: Tensor,
         compute_dtype: torch.dtype,
         rows_per_chunk: int,
@@ -49,7 +72,7 @@ class _VoxelSums(torch.autograd.Function):
         chunks = (
             [(s, min(n_rows, s + rows_per_chunk)) for s in range(0, n_rows, rows_per_chunk)]
             if masked
-            else annotated_chunks(a_r, rows_per_chunk)
+            else annotated_chunks(a_r if y_rn.annotated_r is None else y_rn.annotated_r, rows_per_chunk)
         )
         for s, e in chunks:
             x, y = _rows(x_rn, y_rn, a_r if masked else None, s, e, compute_dtype)
@@ -62,7 +85,8 @@ class _VoxelSums(torch.autograd.Function):
                 pred = x > 0
                 aux[s:e, 1] = (pred & (y > 0.5)).sum(1).to(compute_dtype)
                 aux[s:e, 2] = pred.sum(1).to(compute_dtype)
-        ctx.save_for_backward(x_rn, y_rn, a_r)
+        ctx.save_for_backward(x_rn, a_r)
+        ctx.targets = y_rn  # a tensor view or labels and a table: nothing the forward made
         ctx.compute_dtype = compute_dtype
         ctx.chunks, ctx.masked = chunks, masked
         ctx.mark_non_differentiable(aux)
@@ -70,7 +94,8 @@ class _VoxelSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_sums: Tensor, g_aux: Tensor) -> tuple[Tensor | None, ...]:
-        x_rn, y_rn, a_r = ctx.saved_tensors
+        x_rn, a_r = ctx.saved_tensors
+        y_rn = ctx.targets
         cd, mask = ctx.compute_dtype, a_r if ctx.masked else None
         grad = torch.zeros_like(x_rn)
         g = g_sums.to(cd)
@@ -85,22 +110,22 @@ class _VoxelSums(torch.autograd.Function):
 
 
 def _rows(
-    x_rn: Tensor, y_rn: Tensor, mask_r: Tensor | None, s: int, e: int, dtype: torch.dtype
+    x_rn: Tensor, y_rn: TargetRows, mask_r: Tensor | None, s: int, e: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """Rows ``[s, e)`` in the compute dtype; with ``mask_r``, non-annotated logits are replaced by 0 before
     any arithmetic, so NaN/Inf there cannot leak anywhere."""
     x = x_rn[s:e].to(dtype)
     if mask_r is not None:
         x = torch.where(mask_r[s:e, None], x, 0.0)
-    return x, y_rn[s:e].to(dtype)
+    return x, y_rn.rows(s, e, dtype)
 
 
-def annotated_chunks(a_r: Tensor, rows_per_chunk: int) -> list[tuple[int, int]]:
+def annotated_chunks(a_r: Tensor | Sequence[bool], rows_per_chunk: int) -> list[tuple[int, int]]:
     """``[start, end)`` row ranges covering exactly the True rows of ``a_r``, each at most
     ``rows_per_chunk`` long (a sample's annotated classes are one run when its dataset's classes are
-    adjacent in the catalog, so a batch is a few ranges, read as views without copies). One host read of
-    ``a_r`` (B*K booleans)."""
-    flags = a_r.detach().to("cpu", torch.bool).tolist()
+    adjacent in the catalog, so a batch is a few ranges, read as views without copies). A tensor ``a_r``
+    costs one host read (B*K booleans); host flags none."""
+    flags = a_r.detach().to("cpu", torch.bool).tolist() if isinstance(a_r, Tensor) else list(a_r)
     chunks: list[tuple[int, int]] = []
     start = None
     for i, flag in enumerate([*flags, False]):
@@ -114,7 +139,7 @@ def annotated_chunks(a_r: Tensor, rows_per_chunk: int) -> list[tuple[int, int]]:
 
 def voxel_sums(
     logits_bkzyx: Tensor,
-    target_bkzyx: Tensor,
+    target_bkzyx: Tensor | LabelTargets,
     annotated_bk: Tensor,
     *,
     hard: bool,
@@ -123,11 +148,16 @@ def voxel_sums(
     """Per-(b, k) sums over the voxels: ``(sums_bk3, aux_bk4)`` (see :class:`_VoxelSums`).
 
     Computed in float32 (float64 for float64 logits); ``sums`` is differentiable w.r.t. the logits.
+    ``target_bkzyx``: dense, or :class:`LabelTargets` (rows made as the pass reaches them).
     """
     b, k = logits_bkzyx.shape[:2]
     compute_dtype = torch.float64 if logits_bkzyx.dtype == torch.float64 else torch.float32
     x_rn = logits_bkzyx.reshape(b * k, -1)
-    y_rn = target_bkzyx.reshape(b * k, -1)
+    y_rn: TargetRows
+    if isinstance(target_bkzyx, LabelTargets):
+        y_rn = target_bkzyx
+    else:
+        y_rn = _DenseRows(target_bkzyx.reshape(b * k, -1))
     rows = max(1, chunk_elements // max(1, x_rn.shape[1]))
     sums, aux = _VoxelSums.apply(x_rn, y_rn, annotated_bk.reshape(b * k), compute_dtype, rows, hard)
     return sums.reshape(b, k, 3), aux.reshape(b, k, 4)

@@ -17,6 +17,7 @@ from multitalent.catalog import Catalog
 from multitalent.data.augment import AugmentConfig, augment_batch
 from multitalent.losses import (
     DeepSupervisionLoss,
+    LabelTargets,
     MergedSoftmaxLoss,
     PartialLabelLoss,
     deep_supervision_weights,
@@ -43,11 +44,20 @@ class MultiTalentObjective(nn.Module):
     and the partial-label loss. ``forward(net, inputs, reduce=None) -> (loss, metrics)``."""
 
     def __init__(
-        self, catalog: Catalog, *, n_levels: int, dice: str = "batch", reduction: str = "mean"
+        self,
+        catalog: Catalog,
+        *,
+        n_levels: int,
+        dice: str = "batch",
+        reduction: str = "mean",
+        dense_targets: bool = False,
     ) -> None:
         """``dice`` (``batch``/``sample``) and ``reduction`` (``mean``/``sum``): see
-        :class:`~multitalent.losses.PartialLabelLoss` for the three readings of the paper's Eq. 2."""
+        :class:`~multitalent.losses.PartialLabelLoss` for the three readings of the paper's Eq. 2.
+        ``dense_targets``: build every level's full (B, K, ...) targets first, as before the loss made
+        the annotated rows itself (the same loss and gradient; for benchmarks, bench/gpu_levers.py)."""
         super().__init__()
+        self.dense_targets = dense_targets
         self.region_lut: Tensor
         self.register_buffer("region_lut", torch.as_tensor(catalog.region_lut()), persistent=False)
         weights = deep_supervision_weights(n_levels) if n_levels > 1 else [1.0]
@@ -58,8 +68,16 @@ class MultiTalentObjective(nn.Module):
         self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
     ) -> tuple[Tensor, dict]:
         levels, labels = _levels_and_labels(net, inputs)
-        lut = self.region_lut
-        targets = [targets_from_labels(lab, inputs.dataset_idx_b, lut) for lab in labels]
+        if self.dense_targets:
+            dense = [targets_from_labels(lab, inputs.dataset_idx_b, self.region_lut) for lab in labels]
+            return self.loss(levels, dense, inputs.annotated_bk, reduce=reduce)
+        # Targets stay labels + region table: the loss makes the annotated rows only, chunk by chunk. The
+        # annotated flags are read to the host once here for every level (not under compile: a graph break).
+        compiling = torch.compiler.is_compiling()
+        flags = None if compiling else tuple(inputs.annotated_bk.reshape(-1).tolist())
+        targets = [
+            LabelTargets.make(lab, inputs.dataset_idx_b, self.region_lut, annotated_r=flags) for lab in labels
+        ]
         return self.loss(levels, targets, inputs.annotated_bk, reduce=reduce)
 
 
