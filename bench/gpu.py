@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from multitalent.catalog import load_preset
-from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx
+from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx, sample_params
+from multitalent.data.batch import Batch, DrawnBatch
 from multitalent.losses import PartialLabelLoss
 from multitalent.models import build_network, count_forward_macs
+from multitalent.preprocess.plan import Normalization
 from multitalent.train.step import MultiTalentObjective, StepInputs
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, vendor datasheet (SXM)
@@ -95,6 +97,15 @@ def check_correctness(device: torch.device, catalog) -> None:
         f"{float((l_dev.cpu() != l_cpu).float().mean()):.1e}",
         "(nearest at rounding ties)",
     )
+    # int16 HU normalised on the device (the trainer's DrawnBatch) against the loader's numpy normalisation.
+    norm = Normalization.multitalent()
+    hu = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    on_device = norm.apply_torch(hu.to(device)).cpu().numpy()
+    row(
+        "int16 normalise on device vs loader",
+        f"{float(abs(on_device - norm.apply(hu.numpy())).max()):.1e}",
+        "(must be 0)",
+    )
     # Network: tiny U-Net forward device vs CPU.
     net = build_network("unet", catalog.classes_per_dataset(), size="tiny", patch_size_zyx=(32, 64, 64))
     x = torch.randn(1, 1, 32, 64, 64, generator=g)
@@ -123,6 +134,36 @@ def bench_augment(device: torch.device, patch: tuple[int, int, int], reps: int) 
             reps=reps,
         )
         row(f"augment batch 4, {name} {tuple(shape)}", f"{ms:.1f} ms", "(target <= 20 ms)")
+    # The trainer's path (DrawnBatch): parameters drawn in the loader, int16 HU groups read enlarged (rotated
+    # or scaled samples) or at the patch, normalised and augmented here.
+    norm = Normalization.multitalent()
+    for seed in range(100):  # a draw with one enlarged sample of 4 (the defaults rotate or scale 36 %)
+        params = sample_params(cfg, 4, torch.Generator().manual_seed(seed), n_channels=1)
+        n_wide = int(params.reads_beyond_patch_b.sum())
+        if n_wide == 1:
+            break
+    groups = []
+    for n, shape in ((n_wide, read_shape_zyx(patch, cfg)), (4 - n_wide, patch)):
+        hu = torch.randint(-1000, 1000, (n, 1, *shape), device=device, dtype=torch.int16)
+        lab = torch.randint(0, 5, (n, *shape), device=device, dtype=torch.uint8)
+        groups.append(
+            Batch(hu, lab, torch.zeros(n, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool), [""] * n)
+        )
+    drawn = DrawnBatch(
+        groups[0],
+        groups[1],
+        params,
+        torch.zeros(4, dtype=torch.long),
+        torch.ones(4, 1, dtype=torch.bool),
+        [""] * 4,
+        norm,
+    )
+    ms = timed(lambda: drawn.augment(cfg, patch), device=device, warmup=3, reps=reps)
+    row(
+        f"augment batch 4, drawn: {n_wide} enlarged + {4 - n_wide} at the patch, int16",
+        f"{ms:.1f} ms",
+        "(normalise + augment; the trainer's path)",
+    )
 
 
 def bench_train(
