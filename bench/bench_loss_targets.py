@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--datasets", default="", help="dataset ids, e.g. 07,07 (default: drawn)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -54,6 +55,8 @@ def main() -> None:
     catalog = load_preset(args.catalog)
     rng = np.random.default_rng(args.seed)
     datasets = rng.integers(0, len(catalog.datasets), size=args.batch)
+    if args.datasets:
+        datasets = np.array([catalog.dataset_index(d) for d in args.datasets.split(",")])
     idx = torch.from_numpy(datasets).to(device)
     annotated = torch.as_tensor(catalog.annotated_mask(), device=device)[idx]
     lut = torch.as_tensor(catalog.region_lut())

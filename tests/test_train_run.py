@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from multitalent.train import load_train_job, run_checkpoints, run_training, verify_checkpoint
+from multitalent.train import dry_run, load_train_job, run_checkpoints, run_training, verify_checkpoint
 from multitalent.train.checkpoint import WEIGHTS_FILE, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +191,22 @@ def test_corrupted_latest_checkpoint_is_skipped_for_the_previous_one(
     client = mlflow_client(result)
     rejected = [a.path for a in client.list_artifacts(result.mlflow_run_id, "resume")]
     assert len(rejected) == 1, "the rejected checkpoint is recorded in the MLflow run"
+
+
+def test_relaunching_under_another_schedule_fails_on_the_driver_naming_both(
+    phantom_shards, reference, tmp_path
+):
+    """Not a failed Ray worker group: the launch (and its dry run) names the checkpoint and the schedules,
+    before any worker starts, and leaves the run as it was."""
+    _, ref = reference
+    shutil.copytree(ref.run_dir, tmp_path / "reference")
+    before = sorted(p.name for p in (tmp_path / "reference").iterdir())
+    job = tiny_job(phantom_shards, tmp_path, "reference", "schedule.epochs=3")
+    with pytest.raises(ValueError, match=r"ckpt-it000000012-.*schedule .* differs from the job's"):
+        run_training(job)
+    assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == before
+    report = dry_run(job)
+    assert any("differs from the job's" in e and "'epochs': 3" in e for e in report.errors), report.errors
 
 
 def test_zero3_skips_nonfinite_losses_counts_them_and_stops_after_too_many(

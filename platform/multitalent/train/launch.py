@@ -18,6 +18,7 @@ from multitalent.jobs import require_absolute_in_submitted_job
 from multitalent.train.checkpoint import (
     RUN_ID_FILE,
     STATE_FILE,
+    ResumeChoice,
     TrainerState,
     choose_resume,
     load_history,
@@ -279,6 +280,8 @@ def run_training(
         from multitalent.tracking.credentials import check_credentials
 
         check_credentials(tracking_uri(job))
+    if not job.remote_storage:  # a resume under another schedule fails here, not inside the workers
+        check_resume_schedule(job, choose_resume(run_checkpoints(job.run_dir)))
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {"job": job.model_dump(mode="python"), "run_dir": str(run_dir)}
@@ -313,6 +316,17 @@ def run_training(
     if result.stop_reason:
         raise NonFiniteLossError(f"{run_dir}: training stopped: {result.stop_reason}")
     return result
+
+
+def check_resume_schedule(job: TrainJob, resume: ResumeChoice) -> None:
+    """Raise ``ValueError`` (naming the checkpoint and both schedules) when the checkpoint a relaunch
+    would resume from was written under another schedule than ``job``'s: the workers would refuse it,
+    and Ray would report that as a failed worker group."""
+    if resume.state is None or not resume.state.schedule:
+        return
+    from multitalent.train.components import build_schedule
+
+    build_schedule(job).check_state(resume.state.schedule, where=f"{job.run_dir}: {resume.folder}")
 
 
 # ---------------------------------------------------------------------------------------------- dry run
@@ -443,6 +457,10 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
         keep, every = job.checkpoint.keep, job.checkpoint.every_iterations
         lines.append(f"run: {job.run_dir} ({where}; keep {keep}, every {every})")
         warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
+        try:
+            check_resume_schedule(job, resume)
+        except ValueError as e:
+            errors.append(str(e))
     return DryRunReport(lines, warnings, parts.deepspeed_config, batch_shape, errors)
 
 
