@@ -223,6 +223,26 @@ def test_poly_schedule_steps_at_epoch_starts():
         s.check_state({**s.state_dict(), "epochs": 5}, where="ckpt")
 
 
+@pytest.mark.parametrize("at_epoch_ends", [True, False])
+def test_checkpoints_come_every_n_iterations_after_validation_and_optionally_at_epoch_ends(at_epoch_ends):
+    from multitalent.train.cadence import Cadence
+
+    job = load_train_job(
+        PRETRAIN,
+        [
+            "schedule.epochs=6",
+            "schedule.iterations_per_epoch=10",
+            "checkpoint.every_iterations=25",
+            f"checkpoint.at_epoch_ends={str(at_epoch_ends).lower()}",
+            "validation.every_epochs=4",
+        ],
+    )
+    cadence = Cadence.of(job)
+    due = [i + 1 for i in range(job.schedule.total_iterations) if cadence.checkpoint_due(i)]
+    # every 25; validation after epochs 4 and 6 (the last); with at_epoch_ends every 10 as well
+    assert due == ([10, 20, 25, 30, 40, 50, 60] if at_epoch_ends else [25, 40, 50, 60])
+
+
 def test_adamw_option():
     job = load_train_job(
         PRETRAIN, ["optimiser.name=adamw", "optimiser.lr=0.0001", "architecture.arch=swin_unetr"]

@@ -20,6 +20,7 @@ class Cadence:
     checkpoint_every: int
     validate_every_epochs: int | None  # None: no validation (validation.fold is None)
     log_every: int
+    checkpoint_at_epoch_ends: bool = True
 
     @classmethod
     def of(cls, job: TrainJob) -> Cadence:
@@ -29,6 +30,7 @@ class Cadence:
             checkpoint_every=job.checkpoint.every_iterations,
             validate_every_epochs=None if job.validation.fold is None else job.validation.every_epochs,
             log_every=job.tracking.log_every,
+            checkpoint_at_epoch_ends=job.checkpoint.at_epoch_ends,
         )
 
     def epoch_end(self, i: int) -> bool:
@@ -47,8 +49,12 @@ class Cadence:
         return self.epochs_done(i) % self.validate_every_epochs == 0 or self.last(i)
 
     def checkpoint_due(self, i: int) -> bool:
-        """Every ``checkpoint_every`` iterations and at epoch ends."""
-        return (i + 1) % self.checkpoint_every == 0 or self.epoch_end(i)
+        """Every ``checkpoint_every`` iterations, after each validation pass (its metrics travel with the
+        checkpoint) and, with ``checkpoint_at_epoch_ends``, at every epoch end. (The end of a launch
+        checkpoints too: the trainer's ``on_end``.)"""
+        if (i + 1) % self.checkpoint_every == 0 or self.validation_due(i):
+            return True
+        return self.checkpoint_at_epoch_ends and self.epoch_end(i)
 
     def log_due(self, i: int) -> bool:
         return (i + 1) % self.log_every == 0

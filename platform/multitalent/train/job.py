@@ -136,7 +136,12 @@ class WorkersSection(StrictModel):
 
 
 class CheckpointSection(StrictModel):
-    every_iterations: int = Field(default=250, ge=1)  # and always at epoch ends
+    """Checkpoints every ``every_iterations``, after every validation pass, at the end of each launch, and,
+    with ``at_epoch_ends`` (default), at every epoch end; ``false`` spaces them out further on slow or
+    remote storage (a resume is exact from any iteration)."""
+
+    every_iterations: int = Field(default=250, ge=1)
+    at_epoch_ends: bool = True
     keep: int = Field(default=3, ge=2)  # >= 2: a corrupt latest checkpoint needs a predecessor
 
 
