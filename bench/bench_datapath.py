@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import subprocess
 import tempfile
 import time
 import warnings
@@ -33,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchlib import machine_line
 from multitalent.catalog import Catalog
 from multitalent.data.augment import AugmentConfig, augment_batch, read_shape_zyx
 from multitalent.data.sources import ZarrPatchSource
@@ -225,11 +224,7 @@ def main() -> None:
                 timed[name][0] += time.perf_counter() - w
                 timed[name][1] += time.process_time() - c
     n = 4 * args.rounds
-    cpu = subprocess.run(
-        ["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True
-    ).stdout
-    versions = f"python {platform.python_version()} | torch {torch.__version__}"
-    print(f"\n{time.strftime('%Y-%m-%d')} | {cpu.strip()} | {versions}")
+    print(f"\n{machine_line()}")
     setup = f"batch 4 of {PATCH} read as {read}; {args.rounds} rounds"
     print(f"{args.cases} cases {shape}, {args.labels} labels; {setup}\n")
     print("| pipeline | samples / CPU-s | samples / s (wall) |\n|---|---|---|")

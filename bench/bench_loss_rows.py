@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 import multitalent.losses.partial_label as partial_label
+from benchlib import interleaved, machine_line
 from multitalent.catalog import load_preset
 from multitalent.losses import PartialLabelLoss
 
@@ -72,32 +72,22 @@ def main() -> None:
     loss_fn = PartialLabelLoss()
     impls = {"before": former_voxel_sums(args.before), "after": partial_label.voxel_sums}
 
-    def run(name: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def run(name: str) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
         partial_label.voxel_sums = impls[name]
         x = logits.clone().requires_grad_(True)
         start = time.process_time()
         loss, _ = loss_fn(x, target, annotated)
         loss.backward()
         assert x.grad is not None
-        return time.process_time() - start, loss.detach(), x.grad
+        return time.process_time() - start, (loss.detach(), x.grad)
 
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    results = {}
-    for _ in range(args.rounds):
-        for name in impls:
-            seconds, loss, grad = run(name)
-            times[name].append(seconds)
-            results[name] = (loss, grad)
+    times, results = interleaved(run, list(impls), args.rounds)
     partial_label.voxel_sums = impls["after"]
     (l0, g0), (l1, g1) = results["before"], results["after"]
     rel = float((g1 - g0).norm() / g0.norm().clamp_min(1e-30))
     share = float(annotated.float().mean())
     names = [catalog.dataset_ids[int(d)] for d in datasets]
-    cpu = subprocess.run(
-        ["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True
-    ).stdout.strip()
-    versions = f"python {platform.python_version()} | torch {torch.__version__}"
-    print(f"{time.strftime('%Y-%m-%d')} | {cpu} | {versions}")
+    print(machine_line())
     print(
         f"batch {args.batch} from {', '.join(names)}; {k} heads of {args.catalog}; patch {patch}; "
         f"{share:.0%} of the (sample, class) rows annotated; {args.threads} thread(s), {args.rounds} rounds\n"

@@ -19,15 +19,14 @@ the dense targets the last variant never builds, and the agreement of loss and g
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from benchlib import interleaved, machine_line
 from multitalent.catalog import load_preset
 from multitalent.losses import voxel_sums
 from multitalent.train.step import MultiTalentObjective, StepInputs
@@ -74,7 +73,7 @@ def main() -> None:
         "label targets": MultiTalentObjective(catalog, n_levels=args.levels),
     }
 
-    def run(name: str) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
+    def run(name: str) -> tuple[float, tuple[torch.Tensor, list[torch.Tensor]]]:
         leaves = [x.clone().requires_grad_(True) for x in logits]
         objective = objectives[name].to(device)
         voxel_sums.VISIT_ALL_ROWS = name == "before both"
@@ -82,21 +81,15 @@ def main() -> None:
             seconds = _timed(lambda: _forward_backward(objective, leaves, inputs), device)
         finally:
             voxel_sums.VISIT_ALL_ROWS = False
-        loss = _forward_backward(objective, [x.detach().clone().requires_grad_(True) for x in logits], inputs)
-        return seconds, loss[0], loss[1]
+        fresh = [x.detach().clone().requires_grad_(True) for x in logits]
+        return seconds, _forward_backward(objective, fresh, inputs)
 
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    results = {}
-    for _ in range(args.rounds):
-        for name in VARIANTS:
-            seconds, loss, grads = run(name)
-            times[name].append(seconds)
-            results[name] = (loss, grads)
+    times, results = interleaved(run, VARIANTS, args.rounds)
     l0, g0 = results["before both"]
     dense_bytes = args.batch * k * sum(int(np.prod(s)) for s in shapes)
     share = float(annotated.float().mean())
     names = [catalog.dataset_ids[int(d)] for d in datasets]
-    print(_machine(device))
+    print(machine_line(device))
     print(
         f"batch {args.batch} from {', '.join(names)}; {k} heads of {args.catalog}; patch {patch}, "
         f"{args.levels} levels; {share:.0%} of the (sample, class) rows annotated; {args.threads} "
@@ -137,17 +130,6 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     begin = time.process_time()
     fn()
     return time.process_time() - begin
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        what = torch.cuda.get_device_name(device)
-    else:
-        what = subprocess.run(
-            ["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True
-        ).stdout.strip()
-    versions = f"python {platform.python_version()} | torch {torch.__version__}"
-    return f"{time.strftime('%Y-%m-%d')} | {what} | {versions}"
 
 
 if __name__ == "__main__":
