@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from multitalent.jobs import JobError
 from multitalent.train import dry_run, load_train_job, run_checkpoints, run_training, verify_checkpoint
 from multitalent.train.checkpoint import WEIGHTS_FILE, CheckpointError
 
@@ -202,7 +203,7 @@ def test_relaunching_under_another_schedule_fails_on_the_driver_naming_both(
     shutil.copytree(ref.run_dir, tmp_path / "reference")
     before = sorted(p.name for p in (tmp_path / "reference").iterdir())
     job = tiny_job(phantom_shards, tmp_path, "reference", "schedule.epochs=3")
-    with pytest.raises(ValueError, match=r"ckpt-it000000012-.*schedule .* differs from the job's"):
+    with pytest.raises(JobError, match=r"ckpt-it000000012-.*schedule .* differs from the job's"):
         run_training(job)
     assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == before
     report = dry_run(job)

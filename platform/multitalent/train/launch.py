@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from multitalent.data.batch import DrawnBatch
-from multitalent.jobs import require_absolute_in_submitted_job
+from multitalent.jobs import JobError, require_absolute_in_submitted_job
 from multitalent.train.checkpoint import (
     RUN_ID_FILE,
     STATE_FILE,
@@ -258,7 +258,8 @@ def run_training(
 
     Raises:
         ResourceError: the cluster can never run the workers (no GPUs, too few CPUs or nodes).
-        JobError: a relative path inside a submitted Ray job.
+        JobError: a relative path inside a submitted Ray job, or a checkpoint to resume from that was
+            written under another schedule.
         CredentialsRefused: the HTTP tracking server refuses this process's MLflow credentials.
         NonFiniteLossError: the loss was non-finite more than ``nonfinite.max_consecutive`` times in
             a row (the result so far stays in the run directory).
@@ -319,14 +320,17 @@ def run_training(
 
 
 def check_resume_schedule(job: TrainJob, resume: ResumeChoice) -> None:
-    """Raise ``ValueError`` (naming the checkpoint and both schedules) when the checkpoint a relaunch
+    """Raise :class:`JobError` (naming the checkpoint and both schedules) when the checkpoint a relaunch
     would resume from was written under another schedule than ``job``'s: the workers would refuse it,
     and Ray would report that as a failed worker group."""
     if resume.state is None or not resume.state.schedule:
         return
     from multitalent.train.components import build_schedule
 
-    build_schedule(job).check_state(resume.state.schedule, where=f"{job.run_dir}: {resume.folder}")
+    try:
+        build_schedule(job).check_state(resume.state.schedule, where=str(resume.folder))
+    except ValueError as e:
+        raise JobError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- dry run

@@ -52,9 +52,10 @@ def _apply(schedule: Schedule, optimizer: Any, iteration: int) -> float:
 
 def _check_state(schedule: Schedule, state: Mapping[str, Any], where: str) -> None:
     if dict(state) != schedule.state_dict():
+        theirs, ours = dict(sorted(state.items())), dict(sorted(schedule.state_dict().items()))
         raise ValueError(
-            f"{where}: the checkpoint's schedule {dict(state)} differs from the job's "
-            f"{schedule.state_dict()}; resume with the job it was written with (or start a new run name)"
+            f"{where}: the checkpoint's schedule {theirs} differs from the job's {ours}; resume with the job "
+            "it was written with (or start a new run name)"
         )
 
 
