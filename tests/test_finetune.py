@@ -207,8 +207,16 @@ def test_publishing_a_run_packages_its_fp32_master_weights(uninterrupted, publis
 
     _, uri, _ = published
     assert main(["publish", str(uninterrupted.run_dir), "--name", "phantom-ft", "--alias", "champion"]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[-2:] == ["models:/phantom-ft/1", "models:/phantom-ft@champion"]
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-2:] == ["models:/phantom-ft/1", "models:/phantom-ft@champion"]
+    # No progress bars in a log (stderr not a terminal): DeepSpeed's shard loading, MLflow's transfers.
+    assert "%|" not in err, err
+    assert (
+        main(["pull", "models:/phantom-ft@champion", "--tracking-uri", uri, "--out", str(tmp_path / "cli")])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert "verified" in out and "%|" not in err, err
     pkg = pull("models:/phantom-ft@champion", tmp_path / "ft", tracking_uri=uri)
     assert pkg.version == "1"
     ours = pkg.state_dict()

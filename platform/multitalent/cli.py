@@ -224,6 +224,8 @@ def is_user_error(e: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, func_name = args._target.split(":")
+    if not sys.stderr.isatty():  # MLflow's upload/download bars would fill a log file line by line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         status = int(func(args) or 0)

@@ -92,14 +92,22 @@ def fp32_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     import contextlib
     import io
     import os
+    import sys
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from multitalent.train.checkpoint import DEEPSPEED_TAG
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per parameter group
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+    # It prints a line per parameter group and a progress bar per shard: kept out of the output unless it
+    # fails, when what it printed to stderr helps.
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+    except Exception:
+        sys.stderr.write(err.getvalue())
+        raise
     return {k: v.float() for k, v in state.items()}
 
 
