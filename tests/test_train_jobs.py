@@ -200,13 +200,20 @@ def test_the_batch_of_an_iteration_depends_only_on_seed_rank_and_iteration(tiny)
 
 
 @pytest.mark.slow
-def test_loader_processes_do_not_change_the_batches(tiny):
-    plan = AugmentPlan.make(enabled=False, where="loader", patch_zyx=[16, 32, 32])
+@pytest.mark.parametrize("where", ["off", "device"])
+def test_loader_processes_do_not_change_the_batches(tiny, where):
+    """Also the drawn batches of augmentation on the device (int16 groups and their parameters) cross the
+    loader processes intact."""
+    plan = AugmentPlan.make(enabled=where != "off", where="device", patch_zyx=[16, 32, 32])
     inline = list(zarr_batches(_source(tiny, 1, plan), start=3, stop=8, augment=plan, loader_workers=0))
     workers = list(zarr_batches(_source(tiny, 1, plan), start=3, stop=8, augment=plan, loader_workers=2))
     assert [i for i, _ in workers] == [i for i, _ in inline] == [3, 4, 5, 6, 7]
     for (_, a), (_, b) in zip(inline, workers):
-        assert a.keys == b.keys and torch.equal(a.image_bczyx, b.image_bczyx)
+        assert a.keys == b.keys
+        if where == "device":
+            assert isinstance(a, DrawnBatch) and isinstance(b, DrawnBatch) and plan.config is not None
+            a, b = a.augment(plan.config, plan.patch_zyx), b.augment(plan.config, plan.patch_zyx)
+        assert torch.equal(a.image_bczyx, b.image_bczyx) and torch.equal(a.label_bzyx, b.label_bzyx)
 
 
 @pytest.mark.slow
