@@ -1,19 +1,23 @@
-"""The training objective's loss side, three ways: how its two loss levers (issue 11, part 1) add up.
+"""The training objective's loss side, stage by stage: how its loss levers (issue 11, part 1) add up.
 
 The trainer's ``MultiTalentObjective`` on deep-supervision logits of a ``--catalog`` batch (no network: the
-logits of every level are given, so only targets, deep supervision and the partial-label loss are timed):
+logits of every level are given, in ``--dtype``, so only targets, deep supervision and the partial-label
+loss are timed). Each stage adds one lever to the one before:
 
-- ``before both``: every level's dense (B, K, ...) targets built first, and the voxel pass computing every
-  (sample, class) row and masking the non-annotated ones (``dense_targets=True`` + ``VISIT_ALL_ROWS``);
-- ``annotated rows``: dense targets, voxel pass over the annotated rows only (the code before this bench);
-- ``label targets``: no dense targets; the loss makes the annotated rows from the raw labels and the
-  region table, chunk by chunk, with the annotated flags read once per batch (the trainer's default).
+- ``before the levers``: every level's logits copied to float32 first, its dense (B, K, ...) targets built,
+  and the voxel pass computing every (sample, class) row and masking the non-annotated ones
+  (``upcast_logits=True``, ``dense_targets=True``, ``VISIT_ALL_ROWS``);
+- ``+ annotated rows``: the voxel pass visits the annotated rows only;
+- ``+ label targets``: no dense targets; the loss makes the annotated rows from the raw labels and the
+  region table, chunk by chunk, with the annotated flags read once per batch;
+- ``+ no upcast copy``: bf16 logits reach the loss as they are, which upcasts the rows it visits (the
+  trainer's default; the same as the stage before for float32 logits).
 
-Reported: median CPU seconds of forward + backward per variant (interleaved round by round), the bytes of
-the dense targets the last variant never builds, and the agreement of loss and gradients with the first.
+Reported: median seconds of forward + backward per stage (interleaved round by round), the bytes the last
+stage never allocates, and the agreement of loss and gradients with the first stage.
 
-    .venv/bin/python bench/bench_loss_targets.py --patch 48,96,96 --rounds 5
-    python3 bench/bench_loss_targets.py --device cuda --patch 96,192,192     # on a GPU: CUDA events
+    .venv/bin/python bench/bench_loss_targets.py --patch 48,96,96 --rounds 5 [--dtype bfloat16]
+    python3 bench/bench_loss_targets.py --device cuda --patch 96,192,192 --dtype bfloat16   # CUDA events
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from multitalent.catalog import load_preset
 from multitalent.losses import voxel_sums
 from multitalent.train.step import MultiTalentObjective, StepInputs
 
-VARIANTS = ("before both", "annotated rows", "label targets")
+# stage -> (upcast_logits, dense_targets, visit every row)
+STAGES = {
+    "before the levers": (True, True, True),
+    "+ annotated rows": (True, True, False),
+    "+ label targets": (True, False, False),
+    "+ no upcast copy": (False, False, False),
+}
 
 
 def main() -> None:
@@ -46,6 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the logits")
     parser.add_argument("--datasets", default="", help="dataset ids, e.g. 07,07 (default: drawn)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,18 +76,18 @@ def main() -> None:
     ).to(device, torch.uint8)
     k = catalog.num_classes
     shapes = [tuple(max(1, s // 2**i) for s in patch) for i in range(args.levels)]
-    logits = [torch.randn((args.batch, k, *s), generator=g).to(device) for s in shapes]
+    dtype = getattr(torch, args.dtype)
+    logits = [torch.randn((args.batch, k, *s), generator=g).to(device, dtype) for s in shapes]
     inputs = StepInputs(torch.zeros(args.batch, 1, *patch, device=device), label, idx, annotated)
     objectives = {
-        "before both": MultiTalentObjective(catalog, n_levels=args.levels, dense_targets=True),
-        "annotated rows": MultiTalentObjective(catalog, n_levels=args.levels, dense_targets=True),
-        "label targets": MultiTalentObjective(catalog, n_levels=args.levels),
+        name: MultiTalentObjective(catalog, n_levels=args.levels, upcast_logits=up, dense_targets=dense)
+        for name, (up, dense, _) in STAGES.items()
     }
 
     def run(name: str) -> tuple[float, tuple[torch.Tensor, list[torch.Tensor]]]:
         leaves = [x.clone().requires_grad_(True) for x in logits]
         objective = objectives[name].to(device)
-        voxel_sums.VISIT_ALL_ROWS = name == "before both"
+        voxel_sums.VISIT_ALL_ROWS = STAGES[name][2]
         try:
             seconds = _timed(lambda: _forward_backward(objective, leaves, inputs), device)
         finally:
@@ -84,30 +95,30 @@ def main() -> None:
         fresh = [x.detach().clone().requires_grad_(True) for x in logits]
         return seconds, _forward_backward(objective, fresh, inputs)
 
-    times, results = interleaved(run, VARIANTS, args.rounds)
-    l0, g0 = results["before both"]
-    dense_bytes = args.batch * k * sum(int(np.prod(s)) for s in shapes)
+    times, results = interleaved(run, list(STAGES), args.rounds)
+    l0, g0 = results["before the levers"]
+    voxels = args.batch * k * sum(int(np.prod(s)) for s in shapes)
+    dense_bytes = voxels + (4 * voxels if dtype != torch.float32 else 0)  # bool targets, float32 copy
     share = float(annotated.float().mean())
     names = [catalog.dataset_ids[int(d)] for d in datasets]
     print(machine_line(device))
     print(
         f"batch {args.batch} from {', '.join(names)}; {k} heads of {args.catalog}; patch {patch}, "
-        f"{args.levels} levels; {share:.0%} of the (sample, class) rows annotated; {args.threads} "
-        f"thread(s), {args.rounds} rounds\n"
+        f"{args.levels} levels, {args.dtype} logits; {share:.0%} of the (sample, class) rows annotated; "
+        f"{args.threads} thread(s), {args.rounds} rounds\n"
     )
     unit = "CPU s" if device.type == "cpu" else "GPU ms"
-    print(
-        f"| loss side | {unit} per forward + backward (median) | ÷ label targets | loss, gradient vs first |"
-    )
+    print(f"| loss side | {unit} per forward + backward (median) | ÷ last | loss, gradient vs first |")
     print("|---|---|---|---|")
-    last = statistics.median(times["label targets"])
-    for name in VARIANTS:
+    last = statistics.median(times[list(STAGES)[-1]])
+    for name in STAGES:
         loss, grads = results[name]
         rel = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(grads, g0))
         agree = f"{float(loss - l0):+.1e}, rel. {rel:.1e}"
         med = statistics.median(times[name])
         print(f"| {name} | {med * (1 if device.type == 'cpu' else 1e3):.3f} | {med / last:.2f}x | {agree} |")
-    print(f"\ndense targets not built by 'label targets': {dense_bytes / 2**20:.0f} MiB (bool, all levels)")
+    what = "dense bool targets" + (" and the float32 copy of the logits" if dtype != torch.float32 else "")
+    print(f"\nnot allocated by the last stage: {what}, {dense_bytes / 2**20:.0f} MiB over all levels")
 
 
 def _forward_backward(

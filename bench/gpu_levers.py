@@ -19,7 +19,10 @@ under bf16 autocast, backward, ``clip_grad_norm_(12)``, SGD Nesterov (momentum 0
   ones, as before it learned to skip them (``losses.voxel_sums.VISIT_ALL_ROWS``; compiled rows always do);
 - ``dense_targets``: the objective builds each deep-supervision level's full (B, K, ...) targets before the
   loss, as before the loss made the annotated rows from the labels itself (``MultiTalentObjective(
-  dense_targets=True)``); ``all_loss_rows+dense_targets`` is the loss as it was before both levers.
+  dense_targets=True)``);
+- ``upcast_logits``: the objective copies every level's bf16 logits to float32 before the loss, as before the
+  loss upcast only the rows it visits (``MultiTalentObjective(upcast_logits=True)``);
+  ``all_loss_rows+dense_targets+upcast_logits`` is the loss as it was before the three levers.
 
 Per row: ms/step (CUDA events, warm-up, median), peak memory over the timed steps, TFLOP/s and MFU
 (FLOPs = 3 x forward, 2 per multiply-add, ``count_forward_macs``; peak 989 TFLOP/s dense bf16), and the
@@ -69,6 +72,7 @@ LEVERS = (
     "trivial_loss",
     "all_loss_rows",
     "dense_targets",
+    "upcast_logits",
 )
 COMPILED = {"compile_net", "compile_step", "cuda_graphs"}
 DEFAULT_ROWS = (
@@ -80,7 +84,8 @@ DEFAULT_ROWS = (
     "trivial_loss",
     "all_loss_rows",
     "dense_targets",
-    "all_loss_rows+dense_targets",
+    "upcast_logits",
+    "all_loss_rows+dense_targets+upcast_logits",
     "compile_net",
     "compile_step",
     "compile_step+channels_last+fused_sgd",
@@ -194,8 +199,12 @@ def make_step(
 ) -> tuple[Callable[[], torch.Tensor], Callable[[], None]]:
     """``(forward_backward, full_step)``; ``forward_backward`` returns the loss (detached)."""
     s = a.s
-    dense = "dense_targets" in levers
-    objective = MultiTalentObjective(a.catalog, n_levels=a.n_levels, dense_targets=dense).to(s.device)
+    objective = MultiTalentObjective(
+        a.catalog,
+        n_levels=a.n_levels,
+        dense_targets="dense_targets" in levers,
+        upcast_logits="upcast_logits" in levers,
+    ).to(s.device)
     image = a.image
     if "channels_last" in levers:
         image = image.contiguous(memory_format=torch.channels_last_3d)

@@ -589,6 +589,36 @@ def test_the_objective_with_label_targets_equals_dense_targets_under_deep_superv
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_logits_reach_the_loss_as_they_are_and_give_the_upcast_result():
+    """The objective no longer makes a float32 copy of every head's bf16 logits: the loss upcasts the
+    annotated rows chunk by chunk, with the same loss and the same bf16 gradients, bit for bit."""
+    from multitalent.train.step import MultiTalentObjective, StepInputs
+
+    cat = load_preset("multitalent13")
+    g = torch.Generator().manual_seed(6)
+    idx = torch.tensor([cat.dataset_index("01"), cat.dataset_index("07")])
+    shapes = [(8, 16, 16), (4, 8, 8), (2, 4, 4)]
+    logits = [torch.randn(2, cat.num_classes, *s, generator=g).to(torch.bfloat16) for s in shapes]
+    inputs = StepInputs(
+        torch.zeros(2, 1, 8, 16, 16),
+        torch.randint(0, 3, (2, 8, 16, 16), generator=g, dtype=torch.uint8),
+        idx,
+        torch.as_tensor(cat.annotated_mask())[idx],
+    )
+    objective = MultiTalentObjective(cat, n_levels=len(shapes))
+    results = []
+    for upcast_first in (True, False):
+        leaves = [x.clone().requires_grad_(True) for x in logits]
+        outputs = [x.float() for x in leaves] if upcast_first else leaves
+        loss, _ = objective(lambda _image, outputs=outputs: outputs, inputs)
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in leaves]))
+    (l_up, g_up), (l_bf, g_bf) = results
+    assert l_bf.dtype == torch.float32 and torch.equal(l_up, l_bf)
+    assert all(a is not None and b is not None and a.dtype == torch.bfloat16 for a, b in zip(g_up, g_bf))
+    assert all(torch.equal(a, b) for a, b in zip(g_up, g_bf))
+
+
 # --------------------------------------------------------------------- global batch Dice on 2 ranks
 WORLD = 2
 

@@ -51,13 +51,16 @@ class MultiTalentObjective(nn.Module):
         dice: str = "batch",
         reduction: str = "mean",
         dense_targets: bool = False,
+        upcast_logits: bool = False,
     ) -> None:
         """``dice`` (``batch``/``sample``) and ``reduction`` (``mean``/``sum``): see
         :class:`~multitalent.losses.PartialLabelLoss` for the three readings of the paper's Eq. 2.
-        ``dense_targets``: build every level's full (B, K, ...) targets first, as before the loss made
-        the annotated rows itself (the same loss and gradient; for benchmarks, bench/gpu_levers.py)."""
+        For benchmarks (bench/gpu_levers.py), the former ways, with the same loss and gradients:
+        ``dense_targets`` builds every level's full (B, K, ...) targets first, as before the loss made the
+        annotated rows itself; ``upcast_logits`` copies all the logits to float32 first, as before the
+        loss upcast the rows it visits."""
         super().__init__()
-        self.dense_targets = dense_targets
+        self.dense_targets, self.upcast_logits = dense_targets, upcast_logits
         self.region_lut: Tensor
         self.register_buffer("region_lut", torch.as_tensor(catalog.region_lut()), persistent=False)
         weights = deep_supervision_weights(n_levels) if n_levels > 1 else [1.0]
@@ -67,7 +70,9 @@ class MultiTalentObjective(nn.Module):
     def forward(
         self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
     ) -> tuple[Tensor, dict]:
-        levels, labels = _levels_and_labels(net, inputs)
+        # bf16 logits stay bf16 here: the loss upcasts the rows it visits, chunk by chunk (the same values as
+        # upcasting everything first, without a float32 copy of every head's logits: 1.5 GB at 47 heads).
+        levels, labels = _levels_and_labels(net, inputs, upcast=self.upcast_logits)
         if self.dense_targets:
             dense = [targets_from_labels(lab, inputs.dataset_idx_b, self.region_lut) for lab in labels]
             return self.loss(levels, dense, inputs.annotated_bk, reduce=reduce)
@@ -81,11 +86,16 @@ class MultiTalentObjective(nn.Module):
         return self.loss(levels, targets, inputs.annotated_bk, reduce=reduce)
 
 
-def _levels_and_labels(net: nn.Module, inputs: StepInputs) -> tuple[list[Tensor], list[Tensor]]:
-    """The network's output levels as float32 (bf16 logits of DeepSpeed bf16 engines would lose the loss's
-    small Dice/BCE differences) and the raw label map downsampled to each level's shape."""
+def _levels_and_labels(
+    net: nn.Module, inputs: StepInputs, *, upcast: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The network's output levels, as float32 with ``upcast`` (a loss computed in bf16 would lose its small
+    Dice/BCE differences; pass False to a loss that upcasts itself), and the raw label map downsampled to
+    each level's shape."""
     outputs = net(inputs.image_bczyx)
-    levels = [o.float() for o in (outputs if isinstance(outputs, list | tuple) else [outputs])]
+    levels = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+    if upcast:
+        levels = [o.float() for o in levels]
     return levels, downsample_labels(inputs.label_bzyx, [o.shape[2:] for o in levels])
 
 
