@@ -53,6 +53,25 @@ def test_split_equals_the_enlarged_read_bit_for_bit(config, seed):
     assert torch.equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("out", [(8, 12, 12), (7, 11, 13), (9, 10, 11)])
+def test_the_loaders_reads_at_one_centre_agree_for_odd_and_even_patch_sizes(out):
+    """What the loader does: read the enlarged patch and the patch itself around the same voxel
+    (``read_patch``); the narrow read equals the enlarged one's centre crop, odd sizes included (the read
+    size keeps the patch size's parity)."""
+    import numpy as np
+
+    from multitalent.data.patches import read_patch
+
+    config = AugmentConfig()
+    read = read_shape_zyx(out, config)
+    assert all(r >= o and (r - o) % 2 == 0 for r, o in zip(read, out) if o % 2)
+    volume = np.random.default_rng(1).normal(size=(40, 50, 60)).astype(np.float32)
+    for centre in [(20, 25, 30), (3, 4, 58)]:  # inside, and at the border (padding)
+        wide = torch.from_numpy(read_patch(volume, centre, read, pad_value=-9.0))
+        narrow = torch.from_numpy(read_patch(volume, centre, out, pad_value=-9.0))
+        assert torch.equal(_centre(wide, out), narrow), (out, centre)
+
+
 def test_the_default_config_reads_the_enlarged_patch_for_about_a_third():
     """p 0.2 rotation, p 0.2 scaling: 1 - 0.8 * 0.8 = 0.36 of the samples need the enlarged read."""
     params = sample_params(AugmentConfig(), 20_000, torch.Generator().manual_seed(0))

@@ -189,7 +189,13 @@ def read_shape_zyx(out_shape_zyx: tuple[int, int, int], config: AugmentConfig) -
         need[u] = max(need[u], size[u] * cos + size[v] * sin)
         need[v] = max(need[v], size[v] * cos + size[u] * sin)
     zoom = 1 / 0.85 if config.p_scaling > 0 else 1.0
-    z, y, x = (max(int(n * zoom), s) for n, s in zip(need, out_shape_zyx))
+    # An odd patch size gets an odd read size: then the centre crop of the enlarged read starts where a read
+    # of the patch itself starts (``c - p // 2``), so samples read at the patch size (the loader's
+    # parameters-first path) are the ones reading everything enlarged would give.
+    z, y, x = (
+        r + 1 if s % 2 and not r % 2 else r
+        for r, s in ((max(int(n * zoom), s), s) for n, s in zip(need, out_shape_zyx))
+    )
     return (z, y, x)
 
 
