@@ -529,7 +529,15 @@ def test_label_targets_make_the_rows_of_targets_from_labels():
     assert made.shape == dense.shape and made.device == dense.device
     flat = dense.reshape(dense.shape[0] * dense.shape[1], -1)
     k = cat.num_classes
-    for start, end in [(0, 1), (k - 3, k + 2), (5, 3 * k + 1), (0, 4 * k), (4 * k - 1, 4 * k)]:
+    for start, end in [
+        (0, 1),
+        (k - 3, k + 2),
+        (5, 3 * k + 1),
+        (0, 4 * k),
+        (4 * k - 1, 4 * k),
+        (0, 0),
+        (k, k),
+    ]:
         rows = made.rows(start, end, torch.float32)
         assert rows.dtype == torch.float32 and torch.equal(rows, flat[start:end].float()), (start, end)
     assert torch.equal(made.dense(), dense)

@@ -10,7 +10,9 @@ built and the gather runs for the annotated rows only. The rows equal :func:`tar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,13 +64,24 @@ class LabelTargets:
 
     def rows(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
         """Rows ``[start, end)`` of the flattened ``(B*K, N)`` targets, in ``dtype``; a range may span
-        samples."""
+        samples, or be empty."""
+        if end <= start:
+            return self.lut_bkv.new_zeros((0, self.index_bn.shape[1]), dtype=dtype)
         k = self.lut_bkv.shape[1]
         parts = []
         for b in range(start // k, (end - 1) // k + 1):
             k0, k1 = max(start - b * k, 0), min(end - b * k, k)
             parts.append(self.lut_bkv[b, k0:k1].to(dtype).index_select(1, self.index_bn[b]))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def to_saved(self) -> tuple[tuple[Tensor, ...], Any]:
+        """Its tensors and the rest, for autograd's ``save_for_backward`` (see :meth:`from_saved`)."""
+        return (self.lut_bkv, self.index_bn), (self.spatial, self.annotated_r)
+
+    @classmethod
+    def from_saved(cls, tensors: Sequence[Tensor], meta: Any) -> LabelTargets:
+        spatial, annotated_r = meta
+        return cls(tensors[0], tensors[1], spatial, annotated_r)
 
     def dense(self) -> Tensor:
         """The full bool ``(B, K, *spatial)`` tensor (tests, metrics)."""

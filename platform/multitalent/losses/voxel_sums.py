@@ -27,12 +27,19 @@ VISIT_ALL_ROWS = False
 
 class TargetRows(Protocol):
     """The flattened ``(B*K, N)`` targets, row ranges on demand (:class:`LabelTargets`, or a dense
-    tensor); ``annotated_r``: the annotated flags on the host, when the caller has them."""
+    tensor); ``annotated_r``: the annotated flags on the host, when the caller has them. ``to_saved`` /
+    ``from_saved`` split it into tensors (kept by autograd's ``save_for_backward``, so released after the
+    backward and checked for in-place changes) and the rest."""
 
     @property
     def annotated_r(self) -> tuple[bool, ...] | None: ...
 
     def rows(self, start: int, end: int, dtype: torch.dtype) -> Tensor: ...
+
+    def to_saved(self) -> tuple[tuple[Tensor, ...], Any]: ...
+
+    @classmethod
+    def from_saved(cls, tensors: Sequence[Tensor], meta: Any) -> TargetRows: ...
 
 
 class _DenseRows:
@@ -43,6 +50,13 @@ class _DenseRows:
 
     def rows(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
         return self.y_rn[start:end].to(dtype)
+
+    def to_saved(self) -> tuple[tuple[Tensor, ...], Any]:
+        return (self.y_rn,), None
+
+    @classmethod
+    def from_saved(cls, tensors: Sequence[Tensor], meta: Any) -> _DenseRows:
+        return cls(tensors[0])
 
 
 class _VoxelSums(torch.autograd.Function):
@@ -85,8 +99,9 @@ class _VoxelSums(torch.autograd.Function):
                 pred = x > 0
                 aux[s:e, 1] = (pred & (y > 0.5)).sum(1).to(compute_dtype)
                 aux[s:e, 2] = pred.sum(1).to(compute_dtype)
-        ctx.save_for_backward(x_rn, a_r)
-        ctx.targets = y_rn  # a tensor view or labels and a table: nothing the forward made
+        target_tensors, ctx.target_meta = y_rn.to_saved()
+        ctx.save_for_backward(x_rn, a_r, *target_tensors)
+        ctx.target_type = type(y_rn)
         ctx.compute_dtype = compute_dtype
         ctx.chunks, ctx.masked = chunks, masked
         ctx.mark_non_differentiable(aux)
@@ -94,8 +109,8 @@ class _VoxelSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_sums: Tensor, g_aux: Tensor) -> tuple[Tensor | None, ...]:
-        x_rn, a_r = ctx.saved_tensors
-        y_rn = ctx.targets
+        x_rn, a_r, *target_tensors = ctx.saved_tensors
+        y_rn = ctx.target_type.from_saved(target_tensors, ctx.target_meta)
         cd, mask = ctx.compute_dtype, a_r if ctx.masked else None
         grad = torch.zeros_like(x_rn)
         g = g_sums.to(cd)

@@ -70,16 +70,17 @@ class MultiTalentObjective(nn.Module):
     def forward(
         self, net: nn.Module, inputs: StepInputs, *, reduce: Reduce | None = None
     ) -> tuple[Tensor, dict]:
+        # The annotated flags, read to the host once for every level and before the forward is queued (a
+        # read after it would wait for the whole forward); not under compile (a graph break).
+        compiling = torch.compiler.is_compiling()
+        flags = None if compiling else tuple(inputs.annotated_bk.reshape(-1).tolist())
         # bf16 logits stay bf16 here: the loss upcasts the rows it visits, chunk by chunk (the same values as
         # upcasting everything first, without a float32 copy of every head's logits: 1.5 GB at 47 heads).
         levels, labels = _levels_and_labels(net, inputs, upcast=self.upcast_logits)
         if self.dense_targets:
             dense = [targets_from_labels(lab, inputs.dataset_idx_b, self.region_lut) for lab in labels]
             return self.loss(levels, dense, inputs.annotated_bk, reduce=reduce)
-        # Targets stay labels + region table: the loss makes the annotated rows only, chunk by chunk. The
-        # annotated flags are read to the host once here for every level (not under compile: a graph break).
-        compiling = torch.compiler.is_compiling()
-        flags = None if compiling else tuple(inputs.annotated_bk.reshape(-1).tolist())
+        # Targets stay labels + region table: the loss makes the annotated rows only, chunk by chunk.
         targets = [
             LabelTargets.make(lab, inputs.dataset_idx_b, self.region_lut, annotated_r=flags) for lab in labels
         ]
