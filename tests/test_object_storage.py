@@ -471,3 +471,10 @@ def test_training_from_the_store_killed_then_resumed_never_from_an_interrupted_u
 
     done = publish_run(run, name="s3-tiny")
     assert done.uri == "models:/s3-tiny/1" and done.run_id == result.mlflow_run_id
+
+    # relaunched under another schedule: refused on the driver, naming the checkpoint in the store
+    from multitalent.jobs import JobError
+
+    other = load_train_job(REPO / "jobs" / "pretrain_cpu_tiny.yaml", [*sets, "schedule.epochs=3"])
+    with pytest.raises(JobError, match=rf"{run}/ckpt-it000000008-\w+: the checkpoint's schedule .* differs"):
+        run_training(other)

@@ -18,7 +18,6 @@ from multitalent.jobs import JobError, require_absolute_in_submitted_job
 from multitalent.train.checkpoint import (
     RUN_ID_FILE,
     STATE_FILE,
-    ResumeChoice,
     TrainerState,
     choose_resume,
     load_history,
@@ -281,8 +280,9 @@ def run_training(
         from multitalent.tracking.credentials import check_credentials
 
         check_credentials(tracking_uri(job))
-    if not job.remote_storage:  # a resume under another schedule fails here, not inside the workers
-        check_resume_schedule(job, choose_resume(run_checkpoints(job.run_dir)))
+    newest = newest_checkpoint_state(job)  # a resume under another schedule fails here, not in the workers
+    if newest is not None:
+        check_resume_schedule(job, *newest)
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {"job": job.model_dump(mode="python"), "run_dir": str(run_dir)}
@@ -319,16 +319,31 @@ def run_training(
     return result
 
 
-def check_resume_schedule(job: TrainJob, resume: ResumeChoice) -> None:
-    """Raise :class:`JobError` (naming the checkpoint and both schedules) when the checkpoint a relaunch
-    would resume from was written under another schedule than ``job``'s: the workers would refuse it,
-    and Ray would report that as a failed worker group."""
-    if resume.state is None or not resume.state.schedule:
+def newest_checkpoint_state(job: TrainJob) -> tuple[str, TrainerState] | None:
+    """``(location, state)`` of the run's newest checkpoint folder with a readable state file, local or in
+    object storage (one small read; the workers verify the checkpoint they resume from), or None."""
+    from multitalent import storage
+    from multitalent.train.checkpoint import checkpoint_locations
+
+    for location in checkpoint_locations(job.run_location):
+        try:
+            text = storage.read_text(storage.join(location, STATE_FILE))
+            return location, TrainerState.from_json(text, where=location)
+        except Exception:  # missing or partial: not the one the workers resume from either
+            continue
+    return None
+
+
+def check_resume_schedule(job: TrainJob, location: str, state: TrainerState) -> None:
+    """Raise :class:`JobError` (naming the checkpoint and both schedules) when the checkpoint at
+    ``location`` that a relaunch would resume from was written under another schedule than ``job``'s:
+    the workers would refuse it, and Ray would report that as a failed worker group (after retrying)."""
+    if not state.schedule:
         return
     from multitalent.train.components import build_schedule
 
     try:
-        build_schedule(job).check_state(resume.state.schedule, where=str(resume.folder))
+        build_schedule(job).check_state(state.schedule, where=location)
     except ValueError as e:
         raise JobError(str(e)) from None
 
@@ -455,16 +470,23 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
             f"run: {job.run_location} ({where}; keep {job.checkpoint.keep}, every "
             f"{job.checkpoint.every_iterations}); local files in {job.run_dir}"
         )
+        newest = newest_checkpoint_state(job) if found else None
+        if newest is not None:
+            try:
+                check_resume_schedule(job, *newest)
+            except JobError as e:
+                errors.append(str(e))
     else:
         resume = choose_resume(run_checkpoints(job.run_dir))
         where = f"resume from {resume.folder.name}" if resume.folder is not None else "fresh start"
         keep, every = job.checkpoint.keep, job.checkpoint.every_iterations
         lines.append(f"run: {job.run_dir} ({where}; keep {keep}, every {every})")
         warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
-        try:
-            check_resume_schedule(job, resume)
-        except ValueError as e:
-            errors.append(str(e))
+        if resume.folder is not None and resume.state is not None:
+            try:
+                check_resume_schedule(job, str(resume.folder), resume.state)
+            except JobError as e:
+                errors.append(str(e))
     return DryRunReport(lines, warnings, parts.deepspeed_config, batch_shape, errors)
 
 
