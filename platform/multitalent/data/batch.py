@@ -8,7 +8,7 @@ sample's own dataset; targets are built on the device via ``Catalog.region_lut()
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -101,27 +101,21 @@ class DrawnBatch:
 
     def to(self, device: Any, non_blocking: bool = True) -> DrawnBatch:
         """The groups on ``device``; the parameters stay on the CPU, where the transforms read them."""
-        wide, narrow = (None if g is None else g.to(device, non_blocking) for g in (self.wide, self.narrow))
-        return DrawnBatch(
-            wide,
-            narrow,
-            self.params,
-            self.dataset_idx_b.to(device, non_blocking=non_blocking),
-            self.annotated_bk.to(device, non_blocking=non_blocking),
-            list(self.keys),
-            self.normalization,
+        return replace(
+            self,
+            wide=None if self.wide is None else self.wide.to(device, non_blocking),
+            narrow=None if self.narrow is None else self.narrow.to(device, non_blocking),
+            dataset_idx_b=self.dataset_idx_b.to(device, non_blocking=non_blocking),
+            annotated_bk=self.annotated_bk.to(device, non_blocking=non_blocking),
+            keys=list(self.keys),
         )
 
     def pin_memory(self) -> DrawnBatch:
-        wide, narrow = (None if g is None else g.pin_memory() for g in (self.wide, self.narrow))
-        return DrawnBatch(
-            wide,
-            narrow,
-            self.params,
-            self.dataset_idx_b,
-            self.annotated_bk,
-            list(self.keys),
-            self.normalization,
+        return replace(
+            self,
+            wide=None if self.wide is None else self.wide.pin_memory(),
+            narrow=None if self.narrow is None else self.narrow.pin_memory(),
+            keys=list(self.keys),
         )
 
     def augment(self, config: AugmentConfig, out_shape_zyx: tuple[int, int, int]) -> Batch:

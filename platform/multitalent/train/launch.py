@@ -418,13 +418,10 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
             f"spacing {parts.spacing_zyx_mm} mm"
         )
         _, batch = next(iter(parts.batches(0, 1, loader_workers=0)))
-        if isinstance(batch, DrawnBatch):  # augmented in the step: groups read enlarged / at the patch
-            groups = {"enlarged": batch.wide, "at the patch": batch.narrow}
-            shapes = {k: tuple(g.image_bczyx.shape) for k, g in groups.items() if g is not None}
-            image = "; ".join(f"{shape} {k}" for k, shape in shapes.items())
-        else:
-            shapes = {"": tuple(batch.image_bczyx.shape)}
-            image = f"{shapes['']}"
+        drawn = isinstance(batch, DrawnBatch)  # augmented in the step: groups read enlarged / at the patch
+        groups = {"enlarged": batch.wide, "at the patch": batch.narrow} if drawn else {"": batch}
+        shapes = {k: tuple(g.image_bczyx.shape) for k, g in groups.items() if g is not None}
+        image = "; ".join(f"{shape} {k}".rstrip() for k, shape in shapes.items())
         channels = next(iter(shapes.values()))[1]
         batch_shape = (len(batch), channels, *augment.patch_zyx)  # what the network receives
         lines.append(
@@ -470,23 +467,18 @@ def dry_run(job: TrainJob, *, cluster: list[dict[str, float]] | None = None) -> 
             f"run: {job.run_location} ({where}; keep {job.checkpoint.keep}, every "
             f"{job.checkpoint.every_iterations}); local files in {job.run_dir}"
         )
-        newest = newest_checkpoint_state(job) if found else None
-        if newest is not None:
-            try:
-                check_resume_schedule(job, *newest)
-            except JobError as e:
-                errors.append(str(e))
     else:
         resume = choose_resume(run_checkpoints(job.run_dir))
         where = f"resume from {resume.folder.name}" if resume.folder is not None else "fresh start"
         keep, every = job.checkpoint.keep, job.checkpoint.every_iterations
         lines.append(f"run: {job.run_dir} ({where}; keep {keep}, every {every})")
         warnings += [f"bad checkpoint: {r}" for r in resume.rejected]
-        if resume.folder is not None and resume.state is not None:
-            try:
-                check_resume_schedule(job, str(resume.folder), resume.state)
-            except JobError as e:
-                errors.append(str(e))
+    newest = newest_checkpoint_state(job)  # the state the launch checks, read the way the launch reads it
+    if newest is not None:
+        try:
+            check_resume_schedule(job, *newest)
+        except JobError as e:
+            errors.append(str(e))
     return DryRunReport(lines, warnings, parts.deepspeed_config, batch_shape, errors)
 
 

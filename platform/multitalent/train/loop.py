@@ -37,9 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from multitalent.data.batch import DrawnBatch
 from multitalent.provenance import git_commit
-from multitalent.train.batches import AugmentPlan, step_generator
+from multitalent.train.batches import step_generator
 from multitalent.train.cadence import Cadence
 from multitalent.train.checkpoint import (
     DEEPSPEED_TAG,
@@ -347,13 +346,9 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.schedule.apply(self.engine.optimizer, iteration)
         batch = batch.to(self.device)
-        drawn = isinstance(batch, DrawnBatch)
-        if drawn:  # Zarr: the loader drew the parameters and read accordingly; applied here, on the device
-            assert self.augment.config is not None
-            batch = batch.augment(self.augment.config, self.augment.patch_zyx)
+        if not self.augment.in_loader:  # here, on the device: a DrawnBatch (Zarr) or an enlarged read
+            batch = self.augment.apply(batch, step_generator(self.job.run.seed, self.rank, iteration))
         inputs = StepInputs(batch.image_bczyx, batch.label_bzyx, batch.dataset_idx_b, batch.annotated_bk)
-        if self.augment.config is not None and not self.augment.in_loader and not drawn:  # WebDataset
-            inputs = _augment(inputs, self.augment, step_generator(self.job.run.seed, self.rank, iteration))
         inputs.image_bczyx = inputs.image_bczyx.to(self.dtype)
         loss, _ = self.objective(self.engine, inputs, reduce=self.reduce)
         local = loss.detach().float()
@@ -442,13 +437,6 @@ class Trainer:
             "run_name": self.job.run.name,
             "git_commit": git_commit(),
         }
-
-
-def _augment(inputs: StepInputs, plan: AugmentPlan, generator: torch.Generator) -> StepInputs:
-    from multitalent.train.step import augment_inputs
-
-    assert plan.config is not None
-    return augment_inputs(inputs, config=plan.config, generator=generator, out_shape_zyx=plan.patch_zyx)
 
 
 def worker_info(use_gpu: bool) -> WorkerInfo:
